@@ -1,0 +1,351 @@
+//! The command line: `herald [--config PATH] <command>`. Each command loads what it needs and
+//! reports failures as one readable message; `main` only maps the result to an exit code.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use chrono::Utc;
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::config::{CONFIG_ENV, DEFAULT_CONFIG_PATH, Settings};
+use crate::directory::DirectoryFile;
+use crate::dispatch::Dispatcher;
+use crate::outbox::Audience;
+use crate::render::{PreferenceSigner, RecipientView, Renderer, TemplateSet};
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+use crate::telemetry;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Email notifications from an outbox table, over SMTP."
+)]
+pub struct Cli {
+    /// The configuration file.
+    #[arg(long, global = true, env = CONFIG_ENV, default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade herald's tables (also done by `run`).
+    Migrate,
+    /// Run the daemon until SIGINT or SIGTERM.
+    Run {
+        /// Process everything that is due, then exit 0 (non-zero if the transport is down).
+        #[arg(long)]
+        drain: bool,
+    },
+    /// Check the configuration and templates; exit non-zero listing every problem.
+    Check,
+    /// Manage the directory of companies and contacts.
+    Directory {
+        #[command(subcommand)]
+        command: DirectoryCommand,
+    },
+    /// Insert an outbox row, as an ordering system would.
+    Enqueue {
+        /// The notification kind, e.g. vxc.approved.
+        kind: String,
+        /// A JSON payload file, or - for standard input.
+        payload: PathBuf,
+        /// A key that makes a repeated insert a no-op.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Show counts per state, the oldest pending work and recent failures.
+    Status,
+    /// Preference links for the portal.
+    Preferences {
+        #[command(subcommand)]
+        command: PreferencesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DirectoryCommand {
+    /// Make the directory tables match a YAML file (upsert, and remove what it does not list).
+    Import { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PreferencesCommand {
+    /// Check a preferences link or token and print whose it is; exit 1 if it is not genuine.
+    Verify { link: String },
+}
+
+/// Parses the command line, runs the command and maps the result to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let settings = Settings::load(&cli.config)?;
+    telemetry::init(settings.log_format);
+    // rustls needs exactly one crypto provider; herald builds with ring only.
+    drop(rustls::crypto::ring::default_provider().install_default());
+
+    match cli.command {
+        Command::Migrate => {
+            open_store(&settings).await?;
+            println!("database is up to date");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { drain } => run_daemon(settings, drain).await,
+        Command::Check => check(&settings),
+        Command::Directory {
+            command: DirectoryCommand::Import { file },
+        } => {
+            let directory = DirectoryFile::load(&file)?;
+            let store = open_store(&settings).await?;
+            let summary = store.replace_directory(&directory).await?;
+            println!(
+                "imported {} companies and {} contacts from {}; removed {} companies and {} contacts not in the file",
+                summary.companies,
+                summary.contacts,
+                file.display(),
+                summary.companies_removed,
+                summary.contacts_removed
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Enqueue {
+            kind,
+            payload,
+            idempotency_key,
+        } => {
+            let payload = read_payload(&payload)?;
+            if let Err(err) = settings.catalog.validate(&kind, &payload) {
+                eprintln!("warning: this row will be marked failed when processed: {err}");
+            }
+            let store = open_store(&settings).await?;
+            match store
+                .enqueue(&kind, &payload, idempotency_key.as_deref())
+                .await?
+            {
+                Some(id) => println!("enqueued outbox row {id} ({kind})"),
+                None => println!("not enqueued: idempotency key already used"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => {
+            let store = open_store(&settings).await?;
+            print_status(&store).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Preferences {
+            command: PreferencesCommand::Verify { link },
+        } => {
+            let signer =
+                PreferenceSigner::new(&settings.preferences.url, &settings.preferences.secret);
+            match signer.verify(&link) {
+                Ok(identity) => {
+                    println!(
+                        "valid: contact {} <{}>",
+                        identity.contact_id, identity.email
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(err) => {
+                    println!("invalid: {err}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+    }
+}
+
+async fn open_store(settings: &Settings) -> Result<SqliteStore> {
+    let store = SqliteStore::connect(&settings.database.url).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+fn load_renderer(settings: &Settings) -> Result<Renderer> {
+    let templates = TemplateSet::load(&settings.templates_dir, &settings.catalog)?;
+    let signer = PreferenceSigner::new(&settings.preferences.url, &settings.preferences.secret);
+    Ok(Renderer::new(templates, settings.brand.clone(), signer))
+}
+
+async fn run_daemon(settings: Settings, drain: bool) -> Result<ExitCode> {
+    let renderer = Arc::new(load_renderer(&settings)?);
+    let store = open_store(&settings).await?;
+    info!(
+        config = %settings.source.display(),
+        database = %settings.database.url,
+        transport = %settings.transport.describe(),
+        templates = renderer.templates().len(),
+        kinds = settings.catalog.kinds().count(),
+        mode = if drain { "drain" } else { "daemon" },
+        "herald started"
+    );
+
+    let (stop, shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutdown requested; finishing in-flight sends");
+        stop.send_replace(true);
+    });
+
+    let dispatcher = Dispatcher::new(store.clone(), Arc::new(settings), renderer);
+    if drain {
+        let summary = dispatcher.drain(shutdown).await?;
+        info!(
+            planned = summary.planned,
+            attempted = summary.attempted,
+            "drain finished"
+        );
+    } else {
+        dispatcher.run(shutdown).await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(_) => drop(tokio::signal::ctrl_c().await),
+    }
+}
+
+fn read_payload(path: &Path) -> Result<String> {
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the payload from standard input")?;
+        Ok(text)
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read payload file {}", path.display()))
+    }
+}
+
+/// `herald check`: the configuration was already validated by loading it; now compile the
+/// templates and, when sample payloads are configured, render every notification with them.
+fn check(settings: &Settings) -> Result<ExitCode> {
+    let renderer = load_renderer(settings)?;
+    let mut problems = Vec::new();
+    let mut rendered = 0;
+    if let Some(samples) = &settings.samples_dir {
+        for spec in settings.catalog.specs() {
+            let sample = samples.join(format!("{}.json", spec.kind));
+            let payload = match std::fs::read_to_string(&sample) {
+                Ok(text) => text,
+                Err(err) => {
+                    problems.push(format!(
+                        "{}: cannot read the sample payload: {err}",
+                        sample.display()
+                    ));
+                    continue;
+                }
+            };
+            let payload = match settings.catalog.validate(&spec.kind, &payload) {
+                Ok((_, payload)) => payload,
+                Err(err) => {
+                    problems.push(format!("{}: {err}", sample.display()));
+                    continue;
+                }
+            };
+            for &audience in &spec.audiences {
+                let recipient = sample_recipient(audience);
+                match renderer.render(&spec.kind, audience, &payload, recipient, Utc::now()) {
+                    Ok(_) => rendered += 1,
+                    Err(err) => {
+                        problems.push(format!("{}/{err}", settings.templates_dir.display()))
+                    }
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} problem(s):\n  - {}",
+            problems.len(),
+            problems.join("\n  - ")
+        );
+    }
+    println!(
+        "ok: {} ({} kinds, {} templates, {rendered} notifications rendered with sample payloads)",
+        settings.source.display(),
+        settings.catalog.kinds().count(),
+        renderer.templates().len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sample_recipient(audience: Audience) -> RecipientView<'static> {
+    match audience {
+        Audience::Provider => RecipientView {
+            contact_id: "sample-provider",
+            name: "Sample Provider Contact",
+            email: "provider@example.com",
+        },
+        Audience::Customer => RecipientView {
+            contact_id: "sample-customer",
+            name: "Sample Customer Contact",
+            email: "customer@example.com",
+        },
+    }
+}
+
+async fn print_status<S: Store>(store: &S) -> Result<()> {
+    let report = store.status().await?;
+    let line = |counts: &[(String, i64)]| {
+        if counts.is_empty() {
+            "none".to_string()
+        } else {
+            counts
+                .iter()
+                .map(|(state, n)| format!("{state} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    println!("outbox:     {}", line(&report.outbox));
+    println!("deliveries: {}", line(&report.deliveries));
+    match report.oldest_pending {
+        Some(at) => {
+            let age = (Utc::now() - at).num_seconds().max(0);
+            println!("oldest pending: {age}s (since {})", at.to_rfc3339());
+        }
+        None => println!("oldest pending: none"),
+    }
+    if !report.recent_failures.is_empty() {
+        println!("recent failures:");
+        for (what, reason) in &report.recent_failures {
+            println!("  {what}: {reason}");
+        }
+    }
+    Ok(())
+}

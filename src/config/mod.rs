@@ -1,0 +1,494 @@
+//! Configuration in two phases: [`raw`] mirrors the YAML file and rejects unknown keys, then
+//! [`Settings::load`] expands `${VAR}` references, resolves paths against the file's folder,
+//! parses durations and checks every value, reporting all problems at once with their paths.
+
+mod duration;
+pub mod raw;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use duration::parse_duration;
+pub use raw::{LogFormat, TlsMode};
+
+use crate::outbox::schema::{Catalog, CatalogError};
+
+/// The environment variable that names the configuration file when `--config` is not given.
+pub const CONFIG_ENV: &str = "HERALD_CONFIG";
+/// Where the configuration is looked for when neither `--config` nor `$HERALD_CONFIG` is set.
+pub const DEFAULT_CONFIG_PATH: &str = "config/herald.yaml";
+
+/// A configuration that could not be loaded. Every problem found is listed, not only the first.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("configuration file {path} has {} problem(s):\n  - {}", problems.len(), problems.join("\n  - "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+/// A secret from the configuration. It prints as `***` so that it never reaches a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The validated configuration the rest of the daemon runs on.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The file these settings came from, for log lines and error messages.
+    pub source: PathBuf,
+    pub database: DatabaseSettings,
+    pub log_format: LogFormat,
+    pub transport: TransportSettings,
+    pub rate_limit: RateLimitSettings,
+    pub retry: RetrySettings,
+    pub delivery: DeliverySettings,
+    pub templates_dir: PathBuf,
+    /// Sample payloads (`<kind>.json`) that `herald check` renders each notification with.
+    pub samples_dir: Option<PathBuf>,
+    pub brand: Brand,
+    pub preferences: PreferenceSettings,
+    pub recipients: RecipientRules,
+    pub catalog: Catalog,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    /// The database URL with any relative SQLite path made absolute.
+    pub url: String,
+    pub poll_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum TransportSettings {
+    /// Write each message as an `.eml` file into a folder (for trying herald out and for tests).
+    File {
+        dir: PathBuf,
+    },
+    Smtp(SmtpSettings),
+}
+
+impl TransportSettings {
+    /// A short description for the start-up log line; never includes credentials.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::File { dir } => format!("file:{}", dir.display()),
+            Self::Smtp(smtp) => format!("smtp://{}:{} (tls {:?})", smtp.host, smtp.port, smtp.tls),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SmtpSettings {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub credentials: Option<(String, Secret)>,
+    /// Bound on each SMTP step (connect, each command, the message data).
+    pub timeout: Duration,
+    pub helo_name: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimitSettings {
+    pub per_second: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RetrySettings {
+    pub max_attempts: NonZeroU32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct DeliverySettings {
+    pub batch_size: NonZeroU32,
+    pub lease: Duration,
+}
+
+/// Brand facts that every email shows; templates read them as `brand.*`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Brand {
+    pub name: String,
+    pub tagline: String,
+    pub website_url: String,
+    pub portal_url: String,
+    pub knowledge_base_url: String,
+    pub support_email: String,
+    pub mailing_address: String,
+    pub sender_name: String,
+    pub sender_email: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct PreferenceSettings {
+    pub url: String,
+    pub secret: Secret,
+}
+
+/// Who may receive notifications: the roles allowed to subscribe, and each kind's group.
+#[derive(Debug, Clone)]
+pub struct RecipientRules {
+    pub eligible_roles: BTreeSet<String>,
+    pub groups: BTreeMap<String, String>,
+}
+
+impl RecipientRules {
+    /// The rules the domain specifies, for tests and for configurations that leave them out.
+    pub fn domain_defaults() -> Self {
+        Self {
+            eligible_roles: raw::defaults::eligible_roles().into_iter().collect(),
+            groups: raw::defaults::groups(),
+        }
+    }
+}
+
+/// The notification groups a contact may subscribe to.
+pub const GROUPS: [&str; 6] = [
+    "security",
+    "ordering",
+    "financial",
+    "people",
+    "company",
+    "services",
+];
+
+impl Settings {
+    /// Reads, expands and validates the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let raw: raw::RawConfig =
+            serde_saphyr::from_str(&text).map_err(|err| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: err.to_string(),
+            })?;
+        let base = path.parent().map(normalize).unwrap_or_default();
+        Self::from_raw(raw, path, &base, &|name| std::env::var(name).ok())
+    }
+
+    /// Validates a parsed file. `env` looks up `${VAR}` references; relative paths are taken
+    /// from `base`, the configuration file's folder, so the daemon does not depend on its
+    /// working directory.
+    pub fn from_raw(
+        raw: raw::RawConfig,
+        path: &Path,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut check = Checker {
+            problems: Vec::new(),
+            env,
+        };
+
+        let database = DatabaseSettings {
+            url: resolve_database_url(&check.expand("database.url", &raw.database.url), base),
+            poll_interval: check.duration("database.poll_interval", &raw.database.poll_interval),
+        };
+        if !database.url.starts_with("sqlite:") {
+            check.problem(format!(
+                "database.url: {:?} is not supported; use sqlite://PATH",
+                raw.database.url
+            ));
+        }
+
+        let transport = check.transport(&raw.transport, base);
+        let rate_limit = RateLimitSettings {
+            per_second: check.non_zero("rate_limit.per_second", raw.rate_limit.per_second),
+            burst: check.non_zero("rate_limit.burst", raw.rate_limit.burst),
+        };
+        let retry = RetrySettings {
+            max_attempts: check.non_zero("retry.max_attempts", raw.retry.max_attempts),
+            initial_backoff: check.duration("retry.initial_backoff", &raw.retry.initial_backoff),
+            max_backoff: check.duration("retry.max_backoff", &raw.retry.max_backoff),
+        };
+        if retry.max_backoff < retry.initial_backoff {
+            check.problem("retry.max_backoff: must not be shorter than retry.initial_backoff");
+        }
+        let delivery = DeliverySettings {
+            batch_size: check.non_zero("delivery.batch_size", raw.delivery.batch_size),
+            lease: check.duration("delivery.lease", &raw.delivery.lease),
+        };
+        let templates_dir =
+            normalize(&base.join(check.expand("templates.dir", &raw.templates.dir)));
+        let samples_dir = raw
+            .templates
+            .samples
+            .as_ref()
+            .map(|dir| normalize(&base.join(check.expand("templates.samples", dir))));
+        let brand = check.brand(&raw.brand);
+        let preferences = PreferenceSettings {
+            url: check.expand("preferences.url", &raw.preferences.url),
+            secret: Secret(check.expand("preferences.secret", &raw.preferences.secret)),
+        };
+        if preferences.secret.expose().len() < 16 {
+            check.problem(
+                "preferences.secret: must be at least 16 characters (use a long random value)",
+            );
+        }
+        let recipients = check.recipients(raw.recipients);
+        let catalog = match Catalog::from_config(&raw.notifications) {
+            Ok(catalog) => catalog,
+            Err(CatalogError(problems)) => {
+                check.problems.extend(problems);
+                Catalog::default()
+            }
+        };
+        for kind in catalog.kinds() {
+            if !recipients.groups.contains_key(kind) {
+                check.problem(format!(
+                    "recipients.groups: no group for notification kind {kind:?}; add `{kind}: GROUP`"
+                ));
+            }
+        }
+        let smtp_timeout = match &transport {
+            TransportSettings::Smtp(smtp) => smtp.timeout,
+            TransportSettings::File { .. } => Duration::ZERO,
+        };
+        if delivery.lease <= smtp_timeout * 4 {
+            check.problem("delivery.lease: must be longer than four SMTP timeouts, so that a send never outlives its claim");
+        }
+
+        if !check.problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems: check.problems,
+            });
+        }
+        Ok(Self {
+            source: path.to_path_buf(),
+            database,
+            log_format: raw.log.format,
+            transport,
+            rate_limit,
+            retry,
+            delivery,
+            templates_dir,
+            samples_dir,
+            brand,
+            preferences,
+            recipients,
+            catalog,
+        })
+    }
+}
+
+/// Removes `.` and `..` components without touching the file system, so that paths in logs
+/// read `var/mail`, not `config/../var/mail`.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Makes a relative `sqlite://` path absolute against the configuration file's folder.
+fn resolve_database_url(url: &str, base: &Path) -> String {
+    let Some(rest) = url.strip_prefix("sqlite://") else {
+        return url.to_string();
+    };
+    let (file, query) = rest
+        .split_once('?')
+        .map_or((rest, None), |(f, q)| (f, Some(q)));
+    if file.is_empty() || file.starts_with('/') || file == ":memory:" {
+        return url.to_string();
+    }
+    let absolute = normalize(&base.join(file));
+    match query {
+        Some(query) => format!("sqlite://{}?{query}", absolute.display()),
+        None => format!("sqlite://{}", absolute.display()),
+    }
+}
+
+/// Collects problems while converting raw values, so that one run reports them all.
+struct Checker<'a> {
+    problems: Vec<String>,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Checker<'_> {
+    fn problem(&mut self, problem: impl Into<String>) {
+        self.problems.push(problem.into());
+    }
+
+    /// Replaces each `${VAR}` with the variable's value; an unset variable is a problem, never
+    /// an empty string, so a forgotten secret stops the daemon instead of weakening it.
+    fn expand(&mut self, field: &str, value: &str) -> String {
+        let mut out = String::with_capacity(value.len());
+        let mut rest = value;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let Some(end) = after.find('}') else {
+                self.problem(format!("{field}: unterminated ${{ in value"));
+                return out;
+            };
+            let name = &after[..end];
+            match (self.env)(name) {
+                Some(found) => out.push_str(&found),
+                None => self.problem(format!(
+                    "{field}: environment variable {name} is not set (the file refers to ${{{name}}})"
+                )),
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    fn duration(&mut self, field: &str, value: &str) -> Duration {
+        match parse_duration(value) {
+            Ok(duration) => duration,
+            Err(reason) => {
+                self.problem(format!("{field}: {reason}"));
+                Duration::from_secs(1)
+            }
+        }
+    }
+
+    fn non_zero(&mut self, field: &str, value: u32) -> NonZeroU32 {
+        NonZeroU32::new(value).unwrap_or_else(|| {
+            self.problem(format!("{field}: must be at least 1"));
+            NonZeroU32::MIN
+        })
+    }
+
+    fn email(&mut self, field: &str, value: &str) -> String {
+        let value = self.expand(field, value);
+        if !crate::directory::is_plausible_email(&value) {
+            self.problem(format!("{field}: {value:?} is not an email address"));
+        }
+        value
+    }
+
+    fn transport(&mut self, raw: &raw::RawTransport, base: &Path) -> TransportSettings {
+        match raw.kind {
+            raw::TransportKind::File => match &raw.file {
+                Some(file) => TransportSettings::File {
+                    dir: normalize(&base.join(self.expand("transport.file.dir", &file.dir))),
+                },
+                None => {
+                    self.problem("transport.file: required when transport.kind is file");
+                    TransportSettings::File {
+                        dir: PathBuf::new(),
+                    }
+                }
+            },
+            raw::TransportKind::Smtp => {
+                let Some(smtp) = &raw.smtp else {
+                    self.problem("transport.smtp: required when transport.kind is smtp");
+                    return TransportSettings::File {
+                        dir: PathBuf::new(),
+                    };
+                };
+                let host = self.expand("transport.smtp.host", &smtp.host);
+                let username = smtp
+                    .username
+                    .as_ref()
+                    .map(|u| self.expand("transport.smtp.username", u));
+                let password = smtp
+                    .password
+                    .as_ref()
+                    .map(|p| self.expand("transport.smtp.password", p));
+                let credentials = match (username, password) {
+                    (Some(user), Some(pass)) => Some((user, Secret(pass))),
+                    (None, None) => None,
+                    _ => {
+                        self.problem("transport.smtp: username and password go together; set both or neither");
+                        None
+                    }
+                };
+                let helo_name = smtp
+                    .helo_name
+                    .as_ref()
+                    .map(|h| self.expand("transport.smtp.helo_name", h))
+                    .unwrap_or_else(|| "localhost".to_string());
+                TransportSettings::Smtp(SmtpSettings {
+                    host,
+                    port: smtp.port,
+                    tls: smtp.tls,
+                    credentials,
+                    timeout: self.duration("transport.smtp.timeout", &smtp.timeout),
+                    helo_name,
+                })
+            }
+        }
+    }
+
+    fn brand(&mut self, raw: &raw::RawBrand) -> Brand {
+        Brand {
+            name: self.expand("brand.name", &raw.name),
+            tagline: self.expand("brand.tagline", &raw.tagline),
+            website_url: self.expand("brand.website_url", &raw.website_url),
+            portal_url: self
+                .expand("brand.portal_url", &raw.portal_url)
+                .trim_end_matches('/')
+                .into(),
+            knowledge_base_url: self.expand("brand.knowledge_base_url", &raw.knowledge_base_url),
+            support_email: self.email("brand.support_email", &raw.support_email),
+            mailing_address: self.expand("brand.mailing_address", &raw.mailing_address),
+            sender_name: self.expand("brand.sender.name", &raw.sender.name),
+            sender_email: self.email("brand.sender.email", &raw.sender.email),
+        }
+    }
+
+    fn recipients(&mut self, raw: raw::RawRecipients) -> RecipientRules {
+        for (kind, group) in &raw.groups {
+            if !GROUPS.contains(&group.as_str()) {
+                self.problem(format!(
+                    "recipients.groups.{kind}: unknown group {group:?}; expected one of {}",
+                    GROUPS.join(", ")
+                ));
+            }
+        }
+        if raw.eligible_roles.is_empty() {
+            self.problem("recipients.eligible_roles: empty, so nobody would ever be notified");
+        }
+        RecipientRules {
+            eligible_roles: raw.eligible_roles.into_iter().collect(),
+            groups: raw.groups,
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The configuration file as written by the operator: plain serde structures that reject
+//! unknown keys. Nothing here is trusted yet; [`super::Settings::from_raw`] validates it.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub database: RawDatabase,
+    #[serde(default)]
+    pub log: RawLog,
+    pub transport: RawTransport,
+    #[serde(default)]
+    pub rate_limit: RawRateLimit,
+    #[serde(default)]
+    pub retry: RawRetry,
+    #[serde(default)]
+    pub delivery: RawDelivery,
+    pub templates: RawTemplates,
+    pub brand: RawBrand,
+    pub preferences: RawPreferences,
+    #[serde(default)]
+    pub recipients: RawRecipients,
+    pub notifications: BTreeMap<String, RawNotification>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    pub url: String,
+    /// How often an idle daemon looks for new outbox rows and retries that came due.
+    #[serde(default = "defaults::poll_interval")]
+    pub poll_interval: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTransport {
+    pub kind: TransportKind,
+    pub smtp: Option<RawSmtp>,
+    pub file: Option<RawFileTransport>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    Smtp,
+    File,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSmtp {
+    pub host: String,
+    pub port: u16,
+    #[serde(default)]
+    pub tls: TlsMode,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    #[serde(default = "defaults::smtp_timeout")]
+    pub timeout: String,
+    /// The name this daemon gives in EHLO; defaults to the sender address's domain.
+    pub helo_name: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Plain text; for a relay on loopback or a trusted network only.
+    None,
+    /// Connect in plain text and upgrade with STARTTLS; refuse a server that cannot.
+    #[default]
+    Starttls,
+    /// TLS from the first byte (usually port 465).
+    Implicit,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFileTransport {
+    pub dir: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    #[serde(default = "defaults::per_second")]
+    pub per_second: u32,
+    #[serde(default = "defaults::burst")]
+    pub burst: u32,
+}
+
+impl Default for RawRateLimit {
+    fn default() -> Self {
+        Self {
+            per_second: defaults::per_second(),
+            burst: defaults::burst(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "defaults::initial_backoff")]
+    pub initial_backoff: String,
+    #[serde(default = "defaults::max_backoff")]
+    pub max_backoff: String,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        Self {
+            max_attempts: defaults::max_attempts(),
+            initial_backoff: defaults::initial_backoff(),
+            max_backoff: defaults::max_backoff(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDelivery {
+    /// How many due deliveries one claim takes.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: u32,
+    /// How long a claim holds deliveries before another daemon may take them over.
+    #[serde(default = "defaults::lease")]
+    pub lease: String,
+}
+
+impl Default for RawDelivery {
+    fn default() -> Self {
+        Self {
+            batch_size: defaults::batch_size(),
+            lease: defaults::lease(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTemplates {
+    pub dir: String,
+    /// A folder of sample payloads, `<kind>.json`, that `herald check` renders every
+    /// notification with.
+    pub samples: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBrand {
+    pub name: String,
+    pub tagline: String,
+    pub website_url: String,
+    pub portal_url: String,
+    pub knowledge_base_url: String,
+    pub support_email: String,
+    pub mailing_address: String,
+    pub sender: RawSender,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSender {
+    pub name: String,
+    pub email: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPreferences {
+    pub url: String,
+    pub secret: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRecipients {
+    #[serde(default = "defaults::eligible_roles")]
+    pub eligible_roles: Vec<String>,
+    #[serde(default = "defaults::groups")]
+    pub groups: BTreeMap<String, String>,
+}
+
+impl Default for RawRecipients {
+    fn default() -> Self {
+        Self {
+            eligible_roles: defaults::eligible_roles(),
+            groups: defaults::groups(),
+        }
+    }
+}
+
+/// One outbox kind: who is told, and which payload fields (beyond the common ones) it carries.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNotification {
+    pub audiences: Vec<String>,
+    #[serde(default)]
+    pub fields: BTreeMap<String, RawField>,
+}
+
+/// A payload field, written either as a bare type (`ordered_at: datetime`) or in full.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawField {
+    Type(String),
+    Full(RawFieldSpec),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFieldSpec {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub optional: bool,
+    pub default: Option<serde_json::Value>,
+    pub min: Option<i64>,
+    pub max: Option<i64>,
+    pub one_of: Option<Vec<String>>,
+}
+
+/// Defaults, in one place, with the reason for each value.
+pub mod defaults {
+    use std::collections::BTreeMap;
+
+    pub fn poll_interval() -> String {
+        "1s".into()
+    }
+
+    /// Generous for a slow relay, short enough that a hung connection is noticed.
+    pub fn smtp_timeout() -> String {
+        "30s".into()
+    }
+
+    pub fn per_second() -> u32 {
+        10
+    }
+
+    pub fn burst() -> u32 {
+        10
+    }
+
+    /// With 30 s doubling to a 1 h cap, eight attempts span a little over two hours.
+    pub fn max_attempts() -> u32 {
+        8
+    }
+
+    pub fn initial_backoff() -> String {
+        "30s".into()
+    }
+
+    pub fn max_backoff() -> String {
+        "1h".into()
+    }
+
+    pub fn batch_size() -> u32 {
+        50
+    }
+
+    pub fn lease() -> String {
+        "5m".into()
+    }
+
+    /// The roles that may subscribe to notification groups (the domain's rule).
+    pub fn eligible_roles() -> Vec<String> {
+        ["company_admin", "technical_admin", "technical_contact"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    /// The notification group each kind belongs to (the domain's rule).
+    pub fn groups() -> BTreeMap<String, String> {
+        [
+            ("vxc.approval_required", "ordering"),
+            ("vxc.approved", "ordering"),
+            ("vxc.service_up", "services"),
+            ("vxc.speed_change_requested", "ordering"),
+            ("vxc.denied", "ordering"),
+            ("vxc.expired", "ordering"),
+            ("vxc.speed_change_approved", "ordering"),
+            ("vxc.speed_change_rejected", "ordering"),
+        ]
+        .into_iter()
+        .map(|(kind, group)| (kind.to_string(), group.to_string()))
+        .collect()
+    }
+}

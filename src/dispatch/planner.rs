@@ -1,0 +1,109 @@
+//! Expands outbox rows into deliveries: validates the payload, finds each audience's company
+//! in the directory and picks its recipients. A bad row is marked failed with its reason and
+//! never holds up the others.
+
+use chrono::Utc;
+use tracing::{error, info, warn};
+
+use crate::config::Settings;
+use crate::directory::select_recipients;
+use crate::outbox::OutboxEvent;
+use crate::render::message::new_message_id;
+use crate::store::{NewDelivery, OutboxDecision, Store, StoreError};
+
+/// How many outbox rows one planning pass reads.
+const PLAN_BATCH: u32 = 100;
+
+/// Expands pending outbox rows until none is left or `PLAN_BATCH` rows were handled; returns
+/// how many rows were decided by this daemon.
+pub async fn plan_pending<S: Store>(store: &S, settings: &Settings) -> Result<usize, StoreError> {
+    let events = store.pending_outbox(PLAN_BATCH).await?;
+    let mut decided = 0;
+    for event in &events {
+        let decision = decide(store, settings, event).await?;
+        if store
+            .record_decision(event.id, &decision, Utc::now())
+            .await?
+        {
+            decided += 1;
+            log_decision(event, &decision);
+        }
+    }
+    Ok(decided)
+}
+
+/// Works out what an outbox row becomes. Only database errors are errors here; everything
+/// wrong with the row itself is a [`OutboxDecision::Failed`].
+pub async fn decide<S: Store>(
+    store: &S,
+    settings: &Settings,
+    event: &OutboxEvent,
+) -> Result<OutboxDecision, StoreError> {
+    let (spec, payload) = match settings.catalog.validate(&event.kind, &event.payload) {
+        Ok(valid) => valid,
+        Err(err) => {
+            return Ok(OutboxDecision::Failed {
+                reason: err.to_string(),
+            });
+        }
+    };
+    let group = &settings.recipients.groups[&spec.kind];
+
+    let mut deliveries = Vec::new();
+    let mut notes = Vec::new();
+    for &audience in &spec.audiences {
+        let company_id = payload.company_id(audience);
+        let Some(contacts) = store.company_contacts(company_id).await? else {
+            return Ok(OutboxDecision::Failed {
+                reason: format!(
+                    "payload field \"{audience}.company_id\": company {company_id:?} is not in the directory"
+                ),
+            });
+        };
+        let recipients = select_recipients(&contacts, group, &settings.recipients);
+        if recipients.is_empty() {
+            notes.push(format!(
+                "no {audience} recipient: no active, eligible contact of {company_id:?} subscribes to {group:?}"
+            ));
+        }
+        deliveries.extend(recipients.into_iter().map(|recipient| NewDelivery {
+            audience,
+            contact_id: recipient.contact_id,
+            recipient_name: recipient.name,
+            recipient_email: recipient.email,
+            message_id: new_message_id(event.id, &settings.brand.sender_email),
+        }));
+    }
+    let note = (!notes.is_empty()).then(|| notes.join("; "));
+    Ok(OutboxDecision::Dispatched { deliveries, note })
+}
+
+fn log_decision(event: &OutboxEvent, decision: &OutboxDecision) {
+    match decision {
+        OutboxDecision::Dispatched {
+            deliveries,
+            note: None,
+        } => info!(
+            outbox_id = event.id,
+            kind = %event.kind,
+            deliveries = deliveries.len(),
+            "outbox row dispatched"
+        ),
+        OutboxDecision::Dispatched {
+            deliveries,
+            note: Some(note),
+        } => warn!(
+            outbox_id = event.id,
+            kind = %event.kind,
+            deliveries = deliveries.len(),
+            note = %note,
+            "outbox row dispatched, but some notifications have no recipient"
+        ),
+        OutboxDecision::Failed { reason } => error!(
+            outbox_id = event.id,
+            kind = %event.kind,
+            reason = %reason,
+            "outbox row failed: nothing will be sent for it; fix the producer and insert a corrected row"
+        ),
+    }
+}

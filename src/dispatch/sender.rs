@@ -1,0 +1,254 @@
+//! Sends due deliveries: claim a batch under a lease, then for each one render, wait for the
+//! rate limiter, hand it to the transport and record the outcome before taking the next.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use super::retry::RetryPolicy;
+use crate::config::{Settings, TransportSettings};
+use crate::render::message::{Envelope, build_message};
+use crate::render::{RecipientView, Renderer};
+use crate::store::{AttemptRecord, ClaimedDelivery, Store, StoreError};
+use crate::transport::{Outcome, Outgoing, Transport, Unavailable};
+
+/// Why a sending pass stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct Sender<S> {
+    store: S,
+    settings: Arc<Settings>,
+    renderer: Arc<Renderer>,
+    transport: Transport,
+    limiter: DefaultDirectRateLimiter,
+    retry: RetryPolicy,
+    /// This daemon's name on the leases it takes.
+    owner: String,
+    /// The longest one send can take; a delivery whose lease ends sooner is given back.
+    send_budget: Duration,
+}
+
+impl<S: Store> Sender<S> {
+    pub fn new(store: S, settings: Arc<Settings>, renderer: Arc<Renderer>, owner: String) -> Self {
+        let quota = Quota::per_second(settings.rate_limit.per_second)
+            .allow_burst(settings.rate_limit.burst);
+        let send_budget = match &settings.transport {
+            // MAIL, RCPT, DATA and the message body are each bounded by the timeout.
+            TransportSettings::Smtp(smtp) => smtp.timeout * 4,
+            TransportSettings::File { .. } => Duration::from_secs(5),
+        };
+        Self {
+            store,
+            transport: Transport::from_settings(&settings.transport),
+            retry: RetryPolicy::new(settings.retry),
+            limiter: RateLimiter::direct(quota),
+            settings,
+            renderer,
+            owner,
+            send_budget,
+        }
+    }
+
+    /// Claims the due deliveries (one batch) and sends them. Returns how many were attempted.
+    /// The transport is checked before claiming, so while it is down nothing is claimed and no
+    /// delivery is charged an attempt.
+    pub async fn send_due(&mut self, shutdown: &watch::Receiver<bool>) -> Result<usize, SendError> {
+        self.transport.ready().await?;
+        let claimed = self
+            .store
+            .claim_deliveries(
+                &self.owner,
+                self.settings.delivery.batch_size.get(),
+                self.settings.delivery.lease,
+                Utc::now(),
+            )
+            .await?;
+
+        let mut attempted = 0;
+        for (index, delivery) in claimed.iter().enumerate() {
+            let stop = if *shutdown.borrow() {
+                Some(None)
+            } else {
+                self.wait_for_rate_limit(shutdown).await;
+                if *shutdown.borrow() {
+                    Some(None)
+                } else if Utc::now() + self.send_budget >= delivery.lease_until {
+                    Some(None)
+                } else {
+                    self.transport.ready().await.err().map(Some)
+                }
+            };
+            if let Some(unavailable) = stop {
+                let rest: Vec<i64> = claimed[index..].iter().map(|d| d.id).collect();
+                self.store.release(&self.owner, &rest).await?;
+                return match unavailable {
+                    Some(unavailable) => Err(unavailable.into()),
+                    None => Ok(attempted),
+                };
+            }
+            self.attempt(delivery).await?;
+            attempted += 1;
+        }
+        Ok(attempted)
+    }
+
+    async fn wait_for_rate_limit(&self, shutdown: &watch::Receiver<bool>) {
+        let mut shutdown = shutdown.clone();
+        tokio::select! {
+            _ = self.limiter.until_ready() => {}
+            _ = shutdown.wait_for(|stop| *stop) => {}
+        }
+    }
+
+    /// One attempt at one delivery, recorded before returning.
+    async fn attempt(&mut self, delivery: &ClaimedDelivery) -> Result<(), StoreError> {
+        let attempt = delivery.attempts + 1;
+        let (outcome, reference) = match self.prepare(delivery) {
+            Ok((bytes, reference)) => {
+                let outgoing = Outgoing {
+                    from: &self.settings.brand.sender_email,
+                    to: &delivery.recipient_email,
+                    message_id: &delivery.message_id,
+                    bytes: &bytes,
+                };
+                (self.transport.send(outgoing).await, reference)
+            }
+            // A message that cannot be rendered never will be by retrying: dead at once.
+            Err((error, reference)) => (Outcome::Permanent { error, reply: None }, reference),
+        };
+
+        let now = Utc::now();
+        let record = match outcome {
+            Outcome::Sent { reply } => AttemptRecord::Sent {
+                smtp_reply: reply,
+                at: now,
+            },
+            Outcome::Permanent { error, reply } => AttemptRecord::Dead {
+                error,
+                smtp_reply: reply,
+            },
+            Outcome::Transient { error, reply } => match self.retry.delay_after(attempt) {
+                Some(delay) => AttemptRecord::Retry {
+                    error,
+                    smtp_reply: reply,
+                    next_attempt_at: now + delay,
+                },
+                None => AttemptRecord::Dead {
+                    error: format!("gave up after {attempt} attempts; last error: {error}"),
+                    smtp_reply: reply,
+                },
+            },
+        };
+        let recorded = self
+            .store
+            .record_attempt(delivery.id, &self.owner, &record, now)
+            .await?;
+        log_attempt(delivery, &reference, attempt, &record, recorded);
+        Ok(())
+    }
+
+    /// Validates, renders and builds the message. On failure, the reason and what is known of
+    /// the reference.
+    fn prepare(&self, delivery: &ClaimedDelivery) -> Result<(Vec<u8>, String), (String, String)> {
+        let (_, payload) = self
+            .settings
+            .catalog
+            .validate(&delivery.kind, &delivery.payload)
+            .map_err(|err| (format!("payload no longer valid: {err}"), String::new()))?;
+        let reference = payload.reference().to_string();
+        let recipient = RecipientView {
+            contact_id: &delivery.contact_id,
+            name: &delivery.recipient_name,
+            email: &delivery.recipient_email,
+        };
+        let now = Utc::now();
+        let rendered = self
+            .renderer
+            .render(&delivery.kind, delivery.audience, &payload, recipient, now)
+            .map_err(|err| (format!("template error: {err}"), reference.clone()))?;
+        let envelope = Envelope {
+            to_name: &delivery.recipient_name,
+            to_email: &delivery.recipient_email,
+            message_id: &delivery.message_id,
+            date: now,
+        };
+        Ok((
+            build_message(&self.settings.brand, envelope, &rendered),
+            reference,
+        ))
+    }
+
+    /// Closes the transport politely.
+    pub async fn close(&mut self) {
+        self.transport.close().await;
+    }
+}
+
+fn log_attempt(
+    delivery: &ClaimedDelivery,
+    reference: &str,
+    attempt: u32,
+    record: &AttemptRecord,
+    recorded: bool,
+) {
+    if !recorded {
+        warn!(
+            outbox_id = delivery.outbox_id,
+            delivery_id = delivery.id,
+            recipient = %delivery.recipient_email,
+            "delivery attempted after its lease was lost; another daemon owns it now"
+        );
+    }
+    match record {
+        AttemptRecord::Sent { smtp_reply, .. } => info!(
+            outbox_id = delivery.outbox_id,
+            delivery_id = delivery.id,
+            kind = %delivery.kind,
+            reference,
+            recipient = %delivery.recipient_email,
+            attempt,
+            outcome = "sent",
+            smtp_reply = %smtp_reply,
+            "delivered"
+        ),
+        AttemptRecord::Retry {
+            error,
+            smtp_reply,
+            next_attempt_at,
+        } => warn!(
+            outbox_id = delivery.outbox_id,
+            delivery_id = delivery.id,
+            kind = %delivery.kind,
+            reference,
+            recipient = %delivery.recipient_email,
+            attempt,
+            outcome = "retrying",
+            smtp_reply = smtp_reply.as_deref().unwrap_or(""),
+            error = %error,
+            next_attempt_at = %next_attempt_at.to_rfc3339(),
+            "delivery failed, will retry"
+        ),
+        AttemptRecord::Dead { error, smtp_reply } => error!(
+            outbox_id = delivery.outbox_id,
+            delivery_id = delivery.id,
+            kind = %delivery.kind,
+            reference,
+            recipient = %delivery.recipient_email,
+            attempt,
+            outcome = "dead",
+            smtp_reply = smtp_reply.as_deref().unwrap_or(""),
+            error = %error,
+            "delivery is dead: it will not be retried"
+        ),
+    }
+}

@@ -1,0 +1,376 @@
+//! The notification catalogue: for each outbox kind, its audiences and the payload fields it
+//! carries beyond the common ones. Payloads are checked against it before anyone is emailed,
+//! so a bad row fails alone with a reason that names the field.
+//!
+//! A new kind is configuration (this catalogue and a group) plus templates; no code.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value};
+
+use super::Audience;
+use crate::config::raw::{RawField, RawNotification};
+
+/// Names the daemon puts into every template context; a payload field may not shadow them.
+const RESERVED: [&str; 6] = [
+    "brand",
+    "recipient",
+    "audience",
+    "kind",
+    "preferences_url",
+    "year",
+];
+
+/// The longest text value accepted in a payload field; longer is almost surely a producer bug.
+const MAX_TEXT_CHARS: usize = 2_000;
+
+/// What a payload field must hold.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldType {
+    /// A non-empty string, optionally limited to a set of values.
+    Text { one_of: Option<Vec<String>> },
+    /// An RFC 3339 timestamp; stored for templates as UTC (`2020-05-22T04:39:00Z`).
+    Datetime,
+    /// A whole number within bounds.
+    Integer { min: Option<i64>, max: Option<i64> },
+    /// `{ company_id, name }`: a company of the directory.
+    Company,
+    /// `{ name, email }`: a person named in the wording.
+    Person,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldSpec {
+    pub name: String,
+    pub ty: FieldType,
+    pub required: bool,
+    /// The value used when an optional field is absent (`null` when none is configured).
+    pub default: Value,
+}
+
+/// One outbox kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotificationSpec {
+    pub kind: String,
+    pub audiences: Vec<Audience>,
+    pub fields: Vec<FieldSpec>,
+}
+
+/// All configured kinds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Catalog {
+    kinds: BTreeMap<String, NotificationSpec>,
+}
+
+/// Problems in the `notifications` section of the configuration, each with its path.
+#[derive(Debug)]
+pub struct CatalogError(pub Vec<String>);
+
+/// Why a payload was refused. The message names the field, as operators fix rows by field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    #[error("unknown kind {0:?}: no notification is configured for it")]
+    UnknownKind(String),
+    #[error("payload is not valid JSON: {0}")]
+    Malformed(String),
+    #[error("payload must be a JSON object, found {0}")]
+    NotAnObject(&'static str),
+    #[error("payload field {field:?}: {problem}")]
+    Field { field: String, problem: String },
+}
+
+/// A payload that passed its kind's checks: every declared field is present (absent optional
+/// ones hold their default or `null`), normalised, and nothing undeclared is kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Payload {
+    pub fields: Map<String, Value>,
+}
+
+impl Payload {
+    /// The service reference, which every kind carries and every log line shows.
+    pub fn reference(&self) -> &str {
+        self.fields["reference"].as_str().unwrap_or_default()
+    }
+
+    /// The directory id of the company addressed as `audience`.
+    pub fn company_id(&self, audience: Audience) -> &str {
+        self.fields[audience.as_str()]["company_id"]
+            .as_str()
+            .unwrap_or_default()
+    }
+}
+
+fn common_fields() -> Vec<FieldSpec> {
+    let required = |name: &str, ty| FieldSpec {
+        name: name.to_string(),
+        ty,
+        required: true,
+        default: Value::Null,
+    };
+    vec![
+        required("reference", FieldType::Text { one_of: None }),
+        required("service_name", FieldType::Text { one_of: None }),
+        required("customer", FieldType::Company),
+        required("provider", FieldType::Company),
+        required("requested_by", FieldType::Person),
+    ]
+}
+
+impl Catalog {
+    /// Builds the catalogue from the `notifications` section, listing every problem found.
+    pub fn from_config(raw: &BTreeMap<String, RawNotification>) -> Result<Self, CatalogError> {
+        let mut problems = Vec::new();
+        let mut kinds = BTreeMap::new();
+        if raw.is_empty() {
+            problems.push("notifications: no kind is configured".to_string());
+        }
+        for (kind, notification) in raw {
+            let path = format!("notifications.{kind}");
+            let mut audiences = Vec::new();
+            for audience in &notification.audiences {
+                match Audience::parse(audience) {
+                    Some(a) if !audiences.contains(&a) => audiences.push(a),
+                    Some(_) => problems.push(format!("{path}.audiences: {audience} listed twice")),
+                    None => problems.push(format!(
+                        "{path}.audiences: unknown audience {audience:?}; expected provider or customer"
+                    )),
+                }
+            }
+            if audiences.is_empty() {
+                problems.push(format!(
+                    "{path}.audiences: at least one audience is required"
+                ));
+            }
+            let mut fields = common_fields();
+            for (name, field) in &notification.fields {
+                let field_path = format!("{path}.fields.{name}");
+                if RESERVED.contains(&name.as_str()) || fields.iter().any(|f| &f.name == name) {
+                    problems.push(format!("{field_path}: the name {name:?} is reserved"));
+                    continue;
+                }
+                match field_spec(name, field) {
+                    Ok(spec) => fields.push(spec),
+                    Err(problem) => problems.push(format!("{field_path}: {problem}")),
+                }
+            }
+            kinds.insert(
+                kind.clone(),
+                NotificationSpec {
+                    kind: kind.clone(),
+                    audiences,
+                    fields,
+                },
+            );
+        }
+        if problems.is_empty() {
+            Ok(Self { kinds })
+        } else {
+            Err(CatalogError(problems))
+        }
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &str> {
+        self.kinds.keys().map(String::as_str)
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&NotificationSpec> {
+        self.kinds.get(kind)
+    }
+
+    pub fn specs(&self) -> impl Iterator<Item = &NotificationSpec> {
+        self.kinds.values()
+    }
+
+    /// Checks a raw outbox payload against its kind.
+    pub fn validate(
+        &self,
+        kind: &str,
+        payload: &str,
+    ) -> Result<(&NotificationSpec, Payload), PayloadError> {
+        let spec = self
+            .get(kind)
+            .ok_or_else(|| PayloadError::UnknownKind(kind.to_string()))?;
+        let value: Value = serde_json::from_str(payload)
+            .map_err(|err| PayloadError::Malformed(err.to_string()))?;
+        let Value::Object(object) = value else {
+            return Err(PayloadError::NotAnObject(json_type(&value)));
+        };
+        let mut fields = Map::new();
+        for field in &spec.fields {
+            let value = match object.get(&field.name) {
+                None | Some(Value::Null) if field.required => {
+                    return Err(field_error(&field.name, "is required but missing"));
+                }
+                None | Some(Value::Null) => field.default.clone(),
+                Some(value) => check_value(&field.name, &field.ty, value)?,
+            };
+            fields.insert(field.name.clone(), value);
+        }
+        Ok((spec, Payload { fields }))
+    }
+}
+
+fn field_spec(name: &str, raw: &RawField) -> Result<FieldSpec, String> {
+    let (type_name, optional, default, min, max, one_of) = match raw {
+        RawField::Type(type_name) => (type_name.as_str(), false, None, None, None, None),
+        RawField::Full(spec) => (
+            spec.kind.as_str(),
+            spec.optional,
+            spec.default.clone(),
+            spec.min,
+            spec.max,
+            spec.one_of.clone(),
+        ),
+    };
+    let ty = match type_name {
+        "text" => FieldType::Text { one_of },
+        "datetime" => FieldType::Datetime,
+        "integer" => FieldType::Integer { min, max },
+        other => {
+            return Err(format!(
+                "unknown type {other:?}; expected text, datetime or integer"
+            ));
+        }
+    };
+    let default = match default {
+        Some(value) => check_value(name, &ty, &value).map_err(|err| format!("default: {err}"))?,
+        None => Value::Null,
+    };
+    Ok(FieldSpec {
+        name: name.to_string(),
+        ty,
+        required: !optional && default.is_null(),
+        default,
+    })
+}
+
+fn field_error(field: &str, problem: impl Into<String>) -> PayloadError {
+    PayloadError::Field {
+        field: field.to_string(),
+        problem: problem.into(),
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn check_value(field: &str, ty: &FieldType, value: &Value) -> Result<Value, PayloadError> {
+    match ty {
+        FieldType::Text { one_of } => {
+            let text = check_text(field, value)?;
+            if let Some(allowed) = one_of
+                && !allowed.iter().any(|a| a == text)
+            {
+                return Err(field_error(
+                    field,
+                    format!("{text:?} is not one of {}", allowed.join(", ")),
+                ));
+            }
+            Ok(Value::String(text.to_string()))
+        }
+        FieldType::Datetime => {
+            let text = value.as_str().ok_or_else(|| {
+                field_error(
+                    field,
+                    format!("expected an RFC 3339 timestamp, found {}", json_type(value)),
+                )
+            })?;
+            let parsed = DateTime::parse_from_rfc3339(text).map_err(|err| {
+                field_error(
+                    field,
+                    format!("{text:?} is not an RFC 3339 timestamp ({err})"),
+                )
+            })?;
+            let utc = parsed.with_timezone(&Utc);
+            Ok(Value::String(
+                utc.to_rfc3339_opts(SecondsFormat::Secs, true),
+            ))
+        }
+        FieldType::Integer { min, max } => {
+            let number = value.as_i64().ok_or_else(|| match value {
+                Value::Number(_) => {
+                    field_error(field, format!("{value} is not a whole number in range"))
+                }
+                _ => field_error(
+                    field,
+                    format!("expected a whole number, found {}", json_type(value)),
+                ),
+            })?;
+            if let Some(min) = min
+                && number < *min
+            {
+                return Err(field_error(
+                    field,
+                    format!("{number} is below the minimum {min}"),
+                ));
+            }
+            if let Some(max) = max
+                && number > *max
+            {
+                return Err(field_error(
+                    field,
+                    format!("{number} is above the maximum {max}"),
+                ));
+            }
+            Ok(Value::from(number))
+        }
+        FieldType::Company => {
+            let object = check_object(field, value)?;
+            let company_id =
+                check_text(&format!("{field}.company_id"), member(object, "company_id"))?;
+            let name = check_text(&format!("{field}.name"), member(object, "name"))?;
+            Ok(serde_json::json!({ "company_id": company_id, "name": name }))
+        }
+        FieldType::Person => {
+            let object = check_object(field, value)?;
+            let name = check_text(&format!("{field}.name"), member(object, "name"))?;
+            let email = check_text(&format!("{field}.email"), member(object, "email"))?;
+            Ok(serde_json::json!({ "name": name, "email": email }))
+        }
+    }
+}
+
+fn member<'a>(object: &'a Map<String, Value>, key: &str) -> &'a Value {
+    object.get(key).unwrap_or(&Value::Null)
+}
+
+fn check_object<'a>(field: &str, value: &'a Value) -> Result<&'a Map<String, Value>, PayloadError> {
+    value.as_object().ok_or_else(|| {
+        field_error(
+            field,
+            format!("expected an object, found {}", json_type(value)),
+        )
+    })
+}
+
+fn check_text<'a>(field: &str, value: &'a Value) -> Result<&'a str, PayloadError> {
+    let text = match value {
+        Value::Null => return Err(field_error(field, "is required but missing")),
+        Value::String(text) => text,
+        other => {
+            return Err(field_error(
+                field,
+                format!("expected a string, found {}", json_type(other)),
+            ));
+        }
+    };
+    if text.trim().is_empty() {
+        return Err(field_error(field, "must not be empty"));
+    }
+    if text.chars().count() > MAX_TEXT_CHARS {
+        return Err(field_error(
+            field,
+            format!("is longer than {MAX_TEXT_CHARS} characters"),
+        ));
+    }
+    Ok(text)
+}

@@ -1,0 +1,59 @@
+//! Filters for template authors. Payload times reach templates as RFC 3339 UTC strings; these
+//! turn them into what a reader sees. Every email shows times in UTC and says so.
+
+use chrono::{DateTime, Duration, SecondsFormat, Utc};
+use minijinja::{Error, ErrorKind};
+
+fn parse(value: &str) -> Result<DateTime<Utc>, Error> {
+    DateTime::parse_from_rfc3339(value)
+        .map(|t| t.to_utc())
+        .map_err(|err| {
+            Error::new(
+                ErrorKind::InvalidOperation,
+                format!("{value:?} is not an RFC 3339 time: {err}"),
+            )
+        })
+}
+
+/// `{{ event_at | utc }}` → `2020-05-22 04:39:00 UTC`.
+pub fn utc(value: &str) -> Result<String, Error> {
+    Ok(parse(value)?.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+}
+
+/// `{{ ordered_at | date }}` → `2020-05-20` (the UTC calendar date).
+pub fn date(value: &str) -> Result<String, Error> {
+    Ok(parse(value)?.format("%Y-%m-%d").to_string())
+}
+
+/// `{{ ordered_at | add_days(60) }}` → the RFC 3339 time that many days later.
+pub fn add_days(value: &str, days: i64) -> Result<String, Error> {
+    let shifted = Duration::try_days(days)
+        .and_then(|days| parse(value).ok()?.checked_add_signed(days))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidOperation,
+                format!("cannot add {days} days to {value:?}"),
+            )
+        })?;
+    Ok(shifted.to_rfc3339_opts(SecondsFormat::Secs, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_in_utc() {
+        assert_eq!(
+            utc("2020-05-22T14:39:00+10:00").unwrap(),
+            "2020-05-22 04:39:00 UTC"
+        );
+        assert_eq!(date("2020-05-22T23:30:00-02:00").unwrap(), "2020-05-23");
+        assert_eq!(
+            add_days("2020-05-20T09:15:00Z", 60).unwrap(),
+            "2020-07-19T09:15:00Z"
+        );
+        assert!(utc("yesterday").is_err());
+        assert!(add_days("2020-05-20T09:15:00Z", i64::MAX).is_err());
+    }
+}

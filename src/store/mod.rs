@@ -1,0 +1,183 @@
+//! Storage: the outbox, the deliveries and the directory, behind one seam ([`Store`]) so that
+//! the dispatch code does not know which database it runs on. [`sqlite`] is the embedded
+//! default.
+
+pub mod sqlite;
+mod time;
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::directory::{Contact, DirectoryFile};
+use crate::outbox::{Audience, OutboxEvent};
+
+pub use time::{format_timestamp, parse_timestamp};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open database {url}: {source}")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database holds a value herald cannot read: {0}")]
+    Corrupt(String),
+}
+
+/// A delivery to create when an outbox row is expanded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDelivery {
+    pub audience: Audience,
+    pub contact_id: String,
+    pub recipient_name: String,
+    pub recipient_email: String,
+    pub message_id: String,
+}
+
+/// What became of an outbox row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboxDecision {
+    /// Expanded into these deliveries (possibly none; `note` then says why).
+    Dispatched {
+        deliveries: Vec<NewDelivery>,
+        note: Option<String>,
+    },
+    /// Refused; nothing will be sent for it.
+    Failed { reason: String },
+}
+
+/// A delivery this daemon holds a lease on and may now send.
+#[derive(Debug, Clone)]
+pub struct ClaimedDelivery {
+    pub id: i64,
+    pub outbox_id: i64,
+    pub kind: String,
+    pub audience: Audience,
+    pub contact_id: String,
+    pub recipient_name: String,
+    pub recipient_email: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    pub message_id: String,
+    pub payload: String,
+    pub lease_until: DateTime<Utc>,
+}
+
+/// The recorded result of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptRecord {
+    Sent {
+        smtp_reply: String,
+        at: DateTime<Utc>,
+    },
+    Retry {
+        error: String,
+        smtp_reply: Option<String>,
+        next_attempt_at: DateTime<Utc>,
+    },
+    Dead {
+        error: String,
+        smtp_reply: Option<String>,
+    },
+}
+
+/// Counts for `herald status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusReport {
+    /// Outbox rows per state: pending, dispatched, failed.
+    pub outbox: Vec<(String, i64)>,
+    /// Deliveries per state: queued, retrying, sent, dead.
+    pub deliveries: Vec<(String, i64)>,
+    /// When the oldest work still waiting (outbox row or delivery) was created.
+    pub oldest_pending: Option<DateTime<Utc>>,
+    /// The most recent failures, newest first: (what, reason).
+    pub recent_failures: Vec<(String, String)>,
+}
+
+/// What `herald directory import` changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportSummary {
+    pub companies: usize,
+    pub contacts: usize,
+    pub companies_removed: u64,
+    pub contacts_removed: u64,
+}
+
+/// The storage seam. Every method is one short transaction; a backend guarantees that
+/// [`record_decision`](Store::record_decision) expands an outbox row at most once and that a
+/// claimed delivery is held by one daemon at a time.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// Creates or upgrades herald's tables.
+    fn migrate(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Inserts an outbox row as a producer would. `None` when the idempotency key was seen.
+    fn enqueue(
+        &self,
+        kind: &str,
+        payload: &str,
+        idempotency_key: Option<&str>,
+    ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
+
+    /// Makes the directory tables match `file`: upserts what it lists, removes the rest.
+    fn replace_directory(
+        &self,
+        file: &DirectoryFile,
+    ) -> impl Future<Output = Result<ImportSummary, StoreError>> + Send;
+
+    /// A company's contacts, or `None` when the company is not in the directory.
+    fn company_contacts(
+        &self,
+        company_id: &str,
+    ) -> impl Future<Output = Result<Option<Vec<Contact>>, StoreError>> + Send;
+
+    /// The oldest outbox rows not yet expanded.
+    fn pending_outbox(
+        &self,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<OutboxEvent>, StoreError>> + Send;
+
+    /// Records the expansion of a pending outbox row in one transaction. Returns false, and
+    /// changes nothing, when the row was no longer pending (another daemon got there first).
+    fn record_decision(
+        &self,
+        outbox_id: i64,
+        decision: &OutboxDecision,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Leases up to `limit` deliveries that are due at `now` to `owner` for `lease`.
+    fn claim_deliveries(
+        &self,
+        owner: &str,
+        limit: u32,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Vec<ClaimedDelivery>, StoreError>> + Send;
+
+    /// Records an attempt on a delivery `owner` holds and ends the lease. Returns false when
+    /// the lease had been lost, in which case nothing is written.
+    fn record_attempt(
+        &self,
+        delivery_id: i64,
+        owner: &str,
+        record: &AttemptRecord,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Gives leased deliveries back untouched (shutdown, lost connection): they are due again
+    /// at once and no attempt is counted.
+    fn release(
+        &self,
+        owner: &str,
+        delivery_ids: &[i64],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// When the next queued or retrying delivery comes due, if any; `now` or earlier means
+    /// work is due.
+    fn next_due(&self) -> impl Future<Output = Result<Option<DateTime<Utc>>, StoreError>> + Send;
+
+    fn status(&self) -> impl Future<Output = Result<StatusReport, StoreError>> + Send;
+}

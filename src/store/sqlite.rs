@@ -1,0 +1,445 @@
+//! The embedded backend: one SQLite file in WAL mode. SQLite has no row locks, so every write
+//! transaction starts with `BEGIN IMMEDIATE` (taking the write lock up front instead of failing
+//! on upgrade), and claims are single `UPDATE … RETURNING` statements.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use super::{
+    AttemptRecord, ClaimedDelivery, ImportSummary, OutboxDecision, StatusReport, Store, StoreError,
+    format_timestamp, parse_timestamp,
+};
+use crate::directory::{Contact, DirectoryFile};
+use crate::outbox::{Audience, OutboxEvent};
+
+/// How long a writer waits for another connection's write lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at a `sqlite://PATH` URL.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let connect_error = |source| StoreError::Connect {
+            url: url.to_string(),
+            source,
+        };
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(connect_error)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let folder = options
+            .get_filename()
+            .parent()
+            .map(std::path::Path::to_path_buf);
+        if let Some(folder) = folder.filter(|f| !f.as_os_str().is_empty()) {
+            std::fs::create_dir_all(&folder).map_err(|err| connect_error(sqlx::Error::Io(err)))?;
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(connect_error)?;
+        Ok(Self { pool })
+    }
+
+    /// The pool, for tests and tools that inspect the tables directly.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+fn parse_audience(text: &str) -> Result<Audience, StoreError> {
+    Audience::parse(text).ok_or_else(|| StoreError::Corrupt(format!("audience {text:?}")))
+}
+
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("migrations/sqlite").run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn enqueue(
+        &self,
+        kind: &str,
+        payload: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO herald_outbox (kind, payload, idempotency_key) VALUES ($1, $2, $3)
+             RETURNING id",
+        )
+        .bind(kind)
+        .bind(payload)
+        .bind(idempotency_key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
+    async fn replace_directory(&self, file: &DirectoryFile) -> Result<ImportSummary, StoreError> {
+        let now = format_timestamp(Utc::now());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut summary = ImportSummary::default();
+        let mut company_ids = Vec::new();
+        let mut contact_ids = Vec::new();
+
+        for company in &file.companies {
+            sqlx::query(
+                "INSERT INTO herald_companies (id, name, updated_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, updated_at = excluded.updated_at",
+            )
+            .bind(&company.id)
+            .bind(&company.name)
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+            company_ids.push(company.id.as_str());
+            summary.companies += 1;
+
+            for contact in &company.contacts {
+                sqlx::query(
+                    "INSERT INTO herald_contacts (id, company_id, name, email, role, active, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (id) DO UPDATE SET company_id = excluded.company_id,
+                        name = excluded.name, email = excluded.email, role = excluded.role,
+                        active = excluded.active, updated_at = excluded.updated_at",
+                )
+                .bind(&contact.id)
+                .bind(&company.id)
+                .bind(&contact.name)
+                .bind(&contact.email)
+                .bind(&contact.role)
+                .bind(contact.active)
+                .bind(&now)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("DELETE FROM herald_contact_groups WHERE contact_id = $1")
+                    .bind(&contact.id)
+                    .execute(&mut *tx)
+                    .await?;
+                for group in &contact.groups {
+                    sqlx::query(
+                        "INSERT OR IGNORE INTO herald_contact_groups (contact_id, group_name)
+                         VALUES ($1, $2)",
+                    )
+                    .bind(&contact.id)
+                    .bind(group)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                contact_ids.push(contact.id.as_str());
+                summary.contacts += 1;
+            }
+        }
+
+        let keep_contacts = serde_json::to_string(&contact_ids).expect("strings serialise");
+        summary.contacts_removed = sqlx::query(
+            "DELETE FROM herald_contacts WHERE id NOT IN (SELECT value FROM json_each($1))",
+        )
+        .bind(keep_contacts)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let keep_companies = serde_json::to_string(&company_ids).expect("strings serialise");
+        summary.companies_removed = sqlx::query(
+            "DELETE FROM herald_companies WHERE id NOT IN (SELECT value FROM json_each($1))",
+        )
+        .bind(keep_companies)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+
+        tx.commit().await?;
+        Ok(summary)
+    }
+
+    async fn company_contacts(&self, company_id: &str) -> Result<Option<Vec<Contact>>, StoreError> {
+        let known = sqlx::query("SELECT 1 FROM herald_companies WHERE id = $1")
+            .bind(company_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        if known.is_none() {
+            return Ok(None);
+        }
+        let rows = sqlx::query(
+            "SELECT c.id, c.name, c.email, c.role, c.active,
+                    json_group_array(g.group_name) FILTER (WHERE g.group_name IS NOT NULL)
+             FROM herald_contacts c
+             LEFT JOIN herald_contact_groups g ON g.contact_id = c.id
+             WHERE c.company_id = $1
+             GROUP BY c.id
+             ORDER BY c.id",
+        )
+        .bind(company_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut contacts = Vec::with_capacity(rows.len());
+        for row in rows {
+            let groups: String = row.try_get(5)?;
+            let groups = serde_json::from_str(&groups)
+                .map_err(|err| StoreError::Corrupt(format!("contact groups {groups:?}: {err}")))?;
+            contacts.push(Contact {
+                id: row.try_get(0)?,
+                name: row.try_get(1)?,
+                email: row.try_get(2)?,
+                role: row.try_get(3)?,
+                active: row.try_get(4)?,
+                groups,
+            });
+        }
+        Ok(Some(contacts))
+    }
+
+    async fn pending_outbox(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, kind, payload FROM herald_outbox WHERE state = 'pending'
+             ORDER BY id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(OutboxEvent {
+                    id: row.try_get(0)?,
+                    kind: row.try_get(1)?,
+                    payload: row.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_decision(
+        &self,
+        outbox_id: i64,
+        decision: &OutboxDecision,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let now = format_timestamp(now);
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (state, recipients, reason) = match decision {
+            OutboxDecision::Dispatched { deliveries, note } => {
+                ("dispatched", Some(deliveries.len() as i64), note.as_deref())
+            }
+            OutboxDecision::Failed { reason } => ("failed", None, Some(reason.as_str())),
+        };
+        let updated = sqlx::query(
+            "UPDATE herald_outbox SET state = $1, processed_at = $2, recipients = $3, reason = $4
+             WHERE id = $5 AND state = 'pending'",
+        )
+        .bind(state)
+        .bind(&now)
+        .bind(recipients)
+        .bind(reason)
+        .bind(outbox_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+
+        if let OutboxDecision::Dispatched { deliveries, .. } = decision {
+            for delivery in deliveries {
+                sqlx::query(
+                    "INSERT INTO herald_deliveries (outbox_id, kind, audience, contact_id,
+                        recipient_name, recipient_email, message_id, next_attempt_at,
+                        created_at, updated_at)
+                     SELECT id, kind, $2, $3, $4, $5, $6, $7, $7, $7 FROM herald_outbox WHERE id = $1
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(outbox_id)
+                .bind(delivery.audience.as_str())
+                .bind(&delivery.contact_id)
+                .bind(&delivery.recipient_name)
+                .bind(&delivery.recipient_email)
+                .bind(&delivery.message_id)
+                .bind(&now)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        limit: u32,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
+        let lease_until = now + lease;
+        let rows = sqlx::query(
+            "UPDATE herald_deliveries
+             SET lease_owner = $1, lease_until = $2, updated_at = $3
+             WHERE id IN (
+                SELECT id FROM herald_deliveries
+                WHERE state IN ('queued', 'retrying') AND next_attempt_at <= $3
+                  AND (lease_until IS NULL OR lease_until <= $3)
+                ORDER BY next_attempt_at, id
+                LIMIT $4)
+             RETURNING id, outbox_id, kind, audience, contact_id, recipient_name,
+                recipient_email, attempts, message_id,
+                (SELECT payload FROM herald_outbox o WHERE o.id = outbox_id)",
+        )
+        .bind(owner)
+        .bind(format_timestamp(lease_until))
+        .bind(format_timestamp(now))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut claimed = rows
+            .into_iter()
+            .map(|row| {
+                Ok(ClaimedDelivery {
+                    id: row.try_get(0)?,
+                    outbox_id: row.try_get(1)?,
+                    kind: row.try_get(2)?,
+                    audience: parse_audience(row.try_get(3)?)?,
+                    contact_id: row.try_get(4)?,
+                    recipient_name: row.try_get(5)?,
+                    recipient_email: row.try_get(6)?,
+                    attempts: row.try_get(7)?,
+                    message_id: row.try_get(8)?,
+                    payload: row.try_get(9)?,
+                    lease_until,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // RETURNING gives rows in no promised order; send in the order they came due.
+        claimed.sort_by_key(|delivery| delivery.id);
+        Ok(claimed)
+    }
+
+    async fn record_attempt(
+        &self,
+        delivery_id: i64,
+        owner: &str,
+        record: &AttemptRecord,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let now = format_timestamp(now);
+        let query = match record {
+            AttemptRecord::Sent { smtp_reply, at } => sqlx::query(
+                "UPDATE herald_deliveries
+                 SET state = 'sent', attempts = attempts + 1, smtp_reply = $3, sent_at = $4,
+                     last_error = NULL, lease_owner = NULL, lease_until = NULL, updated_at = $5
+                 WHERE id = $1 AND lease_owner = $2",
+            )
+            .bind(delivery_id)
+            .bind(owner)
+            .bind(smtp_reply)
+            .bind(format_timestamp(*at))
+            .bind(now),
+            AttemptRecord::Retry {
+                error,
+                smtp_reply,
+                next_attempt_at,
+            } => sqlx::query(
+                "UPDATE herald_deliveries
+                 SET state = 'retrying', attempts = attempts + 1, last_error = $3,
+                     smtp_reply = $4, next_attempt_at = $5,
+                     lease_owner = NULL, lease_until = NULL, updated_at = $6
+                 WHERE id = $1 AND lease_owner = $2",
+            )
+            .bind(delivery_id)
+            .bind(owner)
+            .bind(error)
+            .bind(smtp_reply)
+            .bind(format_timestamp(*next_attempt_at))
+            .bind(now),
+            AttemptRecord::Dead { error, smtp_reply } => sqlx::query(
+                "UPDATE herald_deliveries
+                 SET state = 'dead', attempts = attempts + 1, last_error = $3, smtp_reply = $4,
+                     lease_owner = NULL, lease_until = NULL, updated_at = $5
+                 WHERE id = $1 AND lease_owner = $2",
+            )
+            .bind(delivery_id)
+            .bind(owner)
+            .bind(error)
+            .bind(smtp_reply)
+            .bind(now),
+        };
+        Ok(query.execute(&self.pool).await?.rows_affected() == 1)
+    }
+
+    async fn release(&self, owner: &str, delivery_ids: &[i64]) -> Result<(), StoreError> {
+        if delivery_ids.is_empty() {
+            return Ok(());
+        }
+        let ids = serde_json::to_string(delivery_ids).expect("integers serialise");
+        sqlx::query(
+            "UPDATE herald_deliveries SET lease_owner = NULL, lease_until = NULL
+             WHERE lease_owner = $1 AND id IN (SELECT value FROM json_each($2))",
+        )
+        .bind(owner)
+        .bind(ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let next: Option<String> = sqlx::query_scalar(
+            "SELECT min(max(next_attempt_at, coalesce(lease_until, '')))
+             FROM herald_deliveries WHERE state IN ('queued', 'retrying')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        next.as_deref().map(parse_timestamp).transpose()
+    }
+
+    async fn status(&self) -> Result<StatusReport, StoreError> {
+        let outbox = sqlx::query_as(
+            "SELECT state, count(*) FROM herald_outbox GROUP BY state ORDER BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let deliveries = sqlx::query_as(
+            "SELECT state, count(*) FROM herald_deliveries GROUP BY state ORDER BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let oldest: Option<String> = sqlx::query_scalar(
+            "SELECT min(created_at) FROM (
+                SELECT created_at FROM herald_outbox WHERE state = 'pending'
+                UNION ALL
+                SELECT created_at FROM herald_deliveries WHERE state IN ('queued', 'retrying'))",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let recent_failures = sqlx::query_as(
+            "SELECT what, reason FROM (
+                SELECT 'outbox ' || id || ' (' || kind || ')' AS what, reason,
+                       processed_at AS at
+                FROM herald_outbox WHERE state = 'failed'
+                UNION ALL
+                SELECT 'delivery ' || id || ' to ' || recipient_email || ' (outbox ' || outbox_id || ')',
+                       last_error, updated_at
+                FROM herald_deliveries WHERE state = 'dead')
+             ORDER BY at DESC LIMIT 10",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(StatusReport {
+            outbox,
+            deliveries,
+            oldest_pending: oldest.as_deref().map(parse_timestamp).transpose()?,
+            recent_failures,
+        })
+    }
+}
