@@ -1,0 +1,255 @@
+//! Bad outbox rows: each is marked failed with a reason naming what is wrong, the daemon keeps
+//! going, and the good rows around it are delivered.
+
+mod support;
+
+use herald::store::Store;
+use sqlx::Row;
+use support::{Options, Sink, TestEnv, repo_path};
+
+fn sample(kind: &str) -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(repo_path(&format!("examples/payloads/{kind}.json"))).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn edited(kind: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let mut value = sample(kind);
+    edit(&mut value);
+    value.to_string()
+}
+
+#[tokio::test]
+async fn bad_rows_fail_with_their_reason_and_good_rows_still_go_out() {
+    let env = TestEnv::new(Options::new(Sink::Files)).await;
+    let store = env.store().await;
+    let good = sample("vxc.approved").to_string();
+
+    // (kind, payload, words the reason must contain)
+    let bad: Vec<(&str, String, &[&str])> = vec![
+        (
+            "vxc.exploded",
+            good.clone(),
+            &["unknown kind", "vxc.exploded"],
+        ),
+        (
+            "vxc.approved",
+            "{\"reference\": ".into(),
+            &["not valid JSON"],
+        ),
+        ("vxc.approved", "[1, 2]".into(), &["must be a JSON object"]),
+        (
+            "vxc.approved",
+            edited("vxc.approved", |p| {
+                drop(p.as_object_mut().unwrap().remove("approved_at"))
+            }),
+            &["\"approved_at\"", "missing"],
+        ),
+        (
+            "vxc.approved",
+            edited("vxc.approved", |p| p["approved_at"] = "last tuesday".into()),
+            &["\"approved_at\"", "RFC 3339"],
+        ),
+        (
+            "vxc.speed_change_requested",
+            edited("vxc.speed_change_requested", |p| {
+                p["speed_mbps"] = "fast".into()
+            }),
+            &["\"speed_mbps\"", "whole number"],
+        ),
+        (
+            "vxc.speed_change_requested",
+            edited("vxc.speed_change_requested", |p| p["speed_mbps"] = 0.into()),
+            &["\"speed_mbps\"", "minimum"],
+        ),
+        (
+            "vxc.speed_change_requested",
+            edited("vxc.speed_change_requested", |p| {
+                p["speed_mbps"] = 1.5.into()
+            }),
+            &["\"speed_mbps\""],
+        ),
+        (
+            "vxc.approved",
+            edited("vxc.approved", |p| p["customer"] = "acme".into()),
+            &["\"customer\"", "object"],
+        ),
+        (
+            "vxc.approved",
+            edited("vxc.approved", |p| p["customer"]["company_id"] = 7.into()),
+            &["\"customer.company_id\"", "string"],
+        ),
+        (
+            "vxc.approved",
+            edited("vxc.approved", |p| p["reference"] = "".into()),
+            &["\"reference\"", "empty"],
+        ),
+        (
+            "vxc.approved",
+            edited("vxc.approved", |p| {
+                p["customer"]["company_id"] = "globex".into()
+            }),
+            &["\"customer.company_id\"", "globex", "not in the directory"],
+        ),
+        (
+            "vxc.approval_required",
+            edited("vxc.approval_required", |p| p["payer"] = "nobody".into()),
+            &["\"payer\"", "one of"],
+        ),
+    ];
+
+    let mut good_ids = vec![
+        store
+            .enqueue("vxc.approved", &good, None)
+            .await
+            .unwrap()
+            .unwrap(),
+    ];
+    let mut bad_ids = Vec::new();
+    for (kind, payload, _) in &bad {
+        bad_ids.push(store.enqueue(kind, payload, None).await.unwrap().unwrap());
+    }
+    good_ids.push(
+        store
+            .enqueue(
+                "vxc.service_up",
+                &sample("vxc.service_up").to_string(),
+                None,
+            )
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+
+    let run = env.herald(&["run", "--drain"]);
+    let log = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "drain failed: {log}");
+
+    for ((_, _, words), id) in bad.iter().zip(&bad_ids) {
+        let row = sqlx::query("SELECT status, reason FROM herald_outbox_status WHERE id = $1")
+            .bind(id)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        let (status, reason): (String, String) = (row.get(0), row.get(1));
+        assert_eq!(status, "failed", "row {id}");
+        for word in *words {
+            assert!(
+                reason.contains(word),
+                "row {id}: reason {reason:?} should mention {word:?}"
+            );
+        }
+        assert!(
+            log.contains(&format!("outbox_id={id} ")),
+            "row {id} failure is logged"
+        );
+    }
+    let failed_deliveries: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM herald_deliveries WHERE outbox_id IN (SELECT id FROM herald_outbox WHERE state = 'failed')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(failed_deliveries, 0, "a failed row sends nothing");
+
+    for id in &good_ids {
+        let status: String =
+            sqlx::query_scalar("SELECT status FROM herald_outbox_status WHERE id = $1")
+                .bind(id)
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(status, "done", "good row {id}");
+    }
+    assert_eq!(
+        std::fs::read_dir(env.mail_dir()).unwrap().count(),
+        4,
+        "2 + 2 good messages written"
+    );
+}
+
+#[tokio::test]
+async fn a_notification_without_recipients_is_recorded_not_failed() {
+    let env = TestEnv::new(Options::new(Sink::Files)).await;
+    let store = env.store().await;
+    // Fabrikam is in the directory but has no contacts.
+    let payload = edited("vxc.approval_required", |p| {
+        p["provider"] = serde_json::json!({ "company_id": "fabrikam", "name": "Fabrikam Cloud" });
+    });
+    let id = store
+        .enqueue("vxc.approval_required", &payload, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let run = env.herald(&["run", "--drain"]);
+    assert!(run.status.success());
+    let log = String::from_utf8_lossy(&run.stderr);
+    assert!(log.contains("no provider recipient"), "logged: {log}");
+
+    let row = sqlx::query("SELECT state, recipients, reason FROM herald_outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(row.get::<String, _>(0), "dispatched");
+    assert_eq!(
+        row.get::<i64, _>(1),
+        2,
+        "the customer side still gets its two messages"
+    );
+    assert!(row.get::<String, _>(2).contains("no provider recipient"));
+}
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_is_a_silent_no_op() {
+    let env = TestEnv::new(Options::new(Sink::Files)).await;
+    let store = env.store().await;
+    let payload = sample("vxc.approved").to_string();
+    let first = store
+        .enqueue("vxc.approved", &payload, Some("order-42-approved"))
+        .await
+        .unwrap();
+    assert!(first.is_some());
+    // A producer's plain INSERT with the same key: no error, no row.
+    sqlx::query("INSERT INTO herald_outbox (kind, payload, idempotency_key) VALUES ('vxc.approved', $1, 'order-42-approved')")
+        .bind(&payload)
+        .execute(store.pool())
+        .await
+        .expect("the duplicate insert is not an error");
+    assert_eq!(
+        store
+            .enqueue("vxc.approved", &payload, Some("order-42-approved"))
+            .await
+            .unwrap(),
+        None
+    );
+
+    let run = env.herald(&["run", "--drain"]);
+    assert!(run.status.success());
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM herald_outbox")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+    assert_eq!(std::fs::read_dir(env.mail_dir()).unwrap().count(), 2);
+}
+
+#[tokio::test]
+async fn a_delivery_is_unique_per_row_notification_and_address() {
+    let env = TestEnv::new(Options::new(Sink::Files)).await;
+    let store = env.store().await;
+    let id = env.enqueue_sample("vxc.approved").await;
+    assert!(env.herald(&["run", "--drain"]).status.success());
+    let again = sqlx::query(
+        "INSERT INTO herald_deliveries (outbox_id, kind, audience, contact_id, recipient_name,
+            recipient_email, message_id, next_attempt_at)
+         VALUES ($1, 'vxc.approved', 'customer', 'acme-dana', 'Dana', 'DANA@ACME.EXAMPLE', 'x@y', '2000-01-01T00:00:00.000Z')",
+    )
+    .bind(id)
+    .execute(store.pool())
+    .await;
+    assert!(
+        again.is_err(),
+        "the database refuses a second delivery of the same notification"
+    );
+}

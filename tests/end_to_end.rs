@@ -1,0 +1,205 @@
+//! End to end against a real SMTP server (Python's aiosmtpd): the sample directory imported,
+//! one payload per kind enqueued, the herald binary run, and what the server received parsed.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use herald::render::PreferenceSigner;
+use mail_parser::{MessageParser, MimeHeaders};
+use support::{Aiosmtpd, Options, SAMPLE_KINDS, Sink, TestEnv};
+
+/// (recipient, subject prefix) for every message the samples must produce: eight in all.
+const EXPECTED: [(&str, &str); 8] = [
+    ("noc@cloudco.example", "Approval needed:"),
+    ("dana@acme.example", "VXC awaiting approval:"),
+    ("pat@acme.example", "VXC awaiting approval:"),
+    ("dana@acme.example", "VXC approved:"),
+    ("pat@acme.example", "VXC approved:"),
+    ("dana@acme.example", "Service up:"),
+    ("lee@acme.example", "Service up:"),
+    ("noc@cloudco.example", "Speed change requested:"),
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_samples_reach_a_real_smtp_server_as_complete_messages() {
+    let smtp = Aiosmtpd::start();
+    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    for kind in SAMPLE_KINDS {
+        env.enqueue_sample(kind).await;
+    }
+
+    let run = env.herald(&["run", "--drain"]);
+    let log = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "drain failed: {log}");
+
+    let received = smtp.received();
+    let mut got: Vec<(String, String)> = Vec::new();
+    let settings = env.settings();
+    let signer = PreferenceSigner::new(&settings.preferences.url, &settings.preferences.secret);
+    let mut peers = BTreeSet::new();
+    let mut message_ids = BTreeSet::new();
+
+    for (envelope, bytes) in &received {
+        let rcpts = envelope["rcpt_tos"].as_array().unwrap();
+        assert_eq!(rcpts.len(), 1, "one recipient per message");
+        let rcpt = rcpts[0].as_str().unwrap().to_string();
+        assert_eq!(envelope["mail_from"], "notifications@interlink.example");
+        peers.insert(envelope["peer"][1].as_u64().unwrap());
+
+        let message = MessageParser::default()
+            .parse(bytes)
+            .expect("a parsable message");
+        let from = message.from().unwrap().first().unwrap();
+        assert_eq!(from.address(), Some("notifications@interlink.example"));
+        assert_eq!(from.name(), Some("Interlink Exchange"));
+        let to = message.to().unwrap();
+        assert_eq!(to.iter().count(), 1);
+        assert_eq!(
+            to.first().unwrap().address(),
+            Some(rcpt.as_str()),
+            "To matches the envelope"
+        );
+        assert!(message.date().is_some(), "Date header");
+        let message_id = message.message_id().expect("Message-ID header").to_string();
+        assert!(message_id.ends_with("@interlink.example"));
+        message_ids.insert(message_id);
+        assert_eq!(
+            message.header_raw("Auto-Submitted").map(str::trim),
+            Some("auto-generated")
+        );
+
+        let root = &message.parts[0];
+        assert_eq!(root.content_type().unwrap().subtype(), Some("alternative"));
+        let text = message.body_text(0).unwrap();
+        let html = message.body_html(0).unwrap();
+        for part in [&text, &html] {
+            assert!(part.contains("5f3a9c1e"), "reference in every part");
+            assert!(
+                part.contains("Level 5, 100 Harbour Street"),
+                "footer address"
+            );
+            assert!(
+                part.contains("notification preferences"),
+                "footer preference link"
+            );
+        }
+        let link = text
+            .lines()
+            .find(|l| l.contains("token="))
+            .expect("preference link");
+        assert_eq!(
+            signer.verify(link).unwrap().email,
+            rcpt,
+            "the link is the recipient's own"
+        );
+
+        got.push((rcpt, message.subject().unwrap().to_string()));
+    }
+
+    assert_eq!(
+        got.len(),
+        EXPECTED.len(),
+        "exactly one message per recipient and notification: {got:?}"
+    );
+    for (rcpt, prefix) in EXPECTED {
+        let matching = got
+            .iter()
+            .filter(|(r, s)| r == rcpt && s.starts_with(prefix))
+            .count();
+        assert_eq!(matching, 1, "{rcpt} / {prefix}: {got:?}");
+    }
+    assert_eq!(message_ids.len(), 8, "each delivery has its own Message-ID");
+    assert_eq!(peers.len(), 1, "one SMTP connection carried every message");
+
+    // One log line per delivery outcome, with the facts an operator needs.
+    let delivered: Vec<&str> = log.lines().filter(|l| l.contains("delivered")).collect();
+    assert_eq!(delivered.len(), 8, "{log}");
+    for line in delivered {
+        for field in [
+            "outbox_id=",
+            "delivery_id=",
+            "kind=",
+            "reference=",
+            "recipient=",
+            "attempt=1",
+            "smtp_reply=250 2.0.0 Ok: queued as",
+        ] {
+            assert!(line.contains(field), "{field} missing from {line}");
+        }
+    }
+
+    // The database agrees with the server.
+    let store = env.store().await;
+    let rows: Vec<(String, i64, String, String)> = sqlx::query_as(
+        "SELECT state, attempts, smtp_reply, message_id FROM herald_deliveries ORDER BY id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 8);
+    for (state, attempts, reply, message_id) in rows {
+        assert_eq!((state.as_str(), attempts), ("sent", 1));
+        assert!(reply.starts_with("250"));
+        assert!(message_ids.contains(&message_id));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_picks_up_new_rows_and_stops_cleanly_on_sigterm() {
+    let smtp = Aiosmtpd::start();
+    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    let log_path = env.dir.path().join("daemon.log");
+    let mut daemon = env
+        .herald_command(&["run"])
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+
+    // Inserted while the daemon runs: picked up by its poll.
+    env.enqueue_sample("vxc.service_up").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while smtp.received().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not deliver the new row"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let started = log
+        .lines()
+        .find(|l| l.contains("herald started"))
+        .expect("start line");
+    for field in [
+        "config=",
+        "database=sqlite://",
+        "transport=smtp://127.0.0.1:",
+        "templates=17",
+    ] {
+        assert!(started.contains(field), "{field} missing from {started}");
+    }
+    assert!(log.contains("shutdown requested"));
+    assert!(log.contains("stopped"));
+    assert_eq!(smtp.received().len(), 2);
+}
