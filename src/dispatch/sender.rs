@@ -76,25 +76,12 @@ impl<S: Store> Sender<S> {
 
         let mut attempted = 0;
         for (index, delivery) in claimed.iter().enumerate() {
-            let stop = if *shutdown.borrow() {
-                Some(None)
-            } else {
-                self.wait_for_rate_limit(shutdown).await;
-                if *shutdown.borrow() {
-                    Some(None)
-                } else if Utc::now() + self.send_budget >= delivery.lease_until {
-                    Some(None)
-                } else {
-                    self.transport.ready().await.err().map(Some)
-                }
-            };
-            if let Some(unavailable) = stop {
+            let go = self.ready_to_send(delivery, shutdown).await;
+            if !matches!(go, Ok(true)) {
                 let rest: Vec<i64> = claimed[index..].iter().map(|d| d.id).collect();
                 self.store.release(&self.owner, &rest).await?;
-                return match unavailable {
-                    Some(unavailable) => Err(unavailable.into()),
-                    None => Ok(attempted),
-                };
+                go?;
+                return Ok(attempted);
             }
             self.attempt(delivery).await?;
             attempted += 1;
@@ -102,12 +89,24 @@ impl<S: Store> Sender<S> {
         Ok(attempted)
     }
 
-    async fn wait_for_rate_limit(&self, shutdown: &watch::Receiver<bool>) {
-        let mut shutdown = shutdown.clone();
+    /// Waits for the rate limiter, then says whether this delivery may be sent now: not at
+    /// shutdown, not when its lease could run out mid-send (another daemon could take it over
+    /// and send it too), and not when the transport cannot be reached.
+    async fn ready_to_send(
+        &mut self,
+        delivery: &ClaimedDelivery,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<bool, Unavailable> {
+        let mut stop = shutdown.clone();
         tokio::select! {
             _ = self.limiter.until_ready() => {}
-            _ = shutdown.wait_for(|stop| *stop) => {}
+            _ = stop.wait_for(|stop| *stop) => {}
         }
+        if *shutdown.borrow() || Utc::now() + self.send_budget >= delivery.lease_until {
+            return Ok(false);
+        }
+        self.transport.ready().await?;
+        Ok(true)
     }
 
     /// One attempt at one delivery, recorded before returning.

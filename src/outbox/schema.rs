@@ -374,3 +374,84 @@ fn check_text<'a>(field: &str, value: &'a Value) -> Result<&'a str, PayloadError
     }
     Ok(text)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog(yaml: &str) -> Result<Catalog, CatalogError> {
+        let raw: BTreeMap<String, RawNotification> = serde_saphyr::from_str(yaml).unwrap();
+        Catalog::from_config(&raw)
+    }
+
+    const SAMPLE: &str = r#"{"reference": "r1", "service_name": "s",
+        "customer": {"company_id": "acme", "name": "Acme"},
+        "provider": {"company_id": "cloudco", "name": "CloudCo"},
+        "requested_by": {"name": "Dana", "email": "dana@acme.example"}"#;
+
+    #[test]
+    fn configuration_mistakes_are_listed_with_their_paths() {
+        let Err(CatalogError(problems)) = catalog(
+            "k:\n  audiences: [provider, partner, provider]\n  fields:\n    brand: text\n    n: float\n",
+        ) else {
+            panic!("should be refused");
+        };
+        let all = problems.join("\n");
+        assert!(
+            all.contains("notifications.k.audiences: unknown audience \"partner\""),
+            "{all}"
+        );
+        assert!(
+            all.contains("notifications.k.audiences: provider listed twice"),
+            "{all}"
+        );
+        assert!(
+            all.contains("notifications.k.fields.brand: the name \"brand\" is reserved"),
+            "{all}"
+        );
+        assert!(
+            all.contains("notifications.k.fields.n: unknown type \"float\""),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn values_are_normalised_and_defaults_filled_in() {
+        let catalog = catalog(
+            "k:\n  audiences: [customer]\n  fields:\n    at: datetime\n    days: { type: integer, min: 1, default: 60 }\n    note: { type: text, optional: true }\n",
+        )
+        .unwrap();
+        let payload = format!("{SAMPLE}, \"at\": \"2020-05-22T14:39:00+10:00\", \"extra\": 1}}");
+        let (_, valid) = catalog.validate("k", &payload).unwrap();
+        assert_eq!(valid.fields["at"], "2020-05-22T04:39:00Z");
+        assert_eq!(valid.fields["days"], 60);
+        assert_eq!(valid.fields["note"], Value::Null);
+        assert!(
+            !valid.fields.contains_key("extra"),
+            "unknown fields are ignored"
+        );
+        assert_eq!(valid.reference(), "r1");
+        assert_eq!(valid.company_id(Audience::Customer), "acme");
+    }
+
+    #[test]
+    fn integers_must_be_whole_and_in_range() {
+        let catalog = catalog(
+            "k:\n  audiences: [provider]\n  fields:\n    n: { type: integer, min: 1, max: 10 }\n",
+        )
+        .unwrap();
+        for (value, words) in [
+            ("0", "below the minimum 1"),
+            ("11", "above the maximum 10"),
+            ("2.5", "not a whole number"),
+            ("1e400", "not valid JSON"),
+            ("\"3\"", "expected a whole number, found a string"),
+            ("null", "required but missing"),
+        ] {
+            let err = catalog
+                .validate("k", &format!("{SAMPLE}, \"n\": {value}}}"))
+                .unwrap_err();
+            assert!(err.to_string().contains(words), "{value}: {err}");
+        }
+    }
+}

@@ -47,14 +47,14 @@ pub struct Unavailable(pub String);
 /// The configured transport.
 #[derive(Debug)]
 pub enum Transport {
-    Smtp(SmtpTransport),
+    Smtp(Box<SmtpTransport>),
     File(FileTransport),
 }
 
 impl Transport {
     pub fn from_settings(settings: &TransportSettings) -> Self {
         match settings {
-            TransportSettings::Smtp(smtp) => Self::Smtp(SmtpTransport::new(smtp.clone())),
+            TransportSettings::Smtp(smtp) => Self::Smtp(Box::new(SmtpTransport::new(smtp.clone()))),
             TransportSettings::File { dir } => Self::File(FileTransport::new(dir.clone())),
         }
     }

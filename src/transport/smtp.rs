@@ -14,7 +14,7 @@ use crate::config::{SmtpSettings, TlsMode};
 
 enum Connection {
     Plain(SmtpClient<TcpStream>),
-    Tls(SmtpClient<TlsStream<TcpStream>>),
+    Tls(Box<SmtpClient<TlsStream<TcpStream>>>),
 }
 
 pub struct SmtpTransport {
@@ -74,12 +74,12 @@ impl SmtpTransport {
                     .implicit_tls(false)
                     .connect()
                     .await
-                    .map(Connection::Tls),
+                    .map(|client| Connection::Tls(Box::new(client))),
                 TlsMode::Implicit => builder
                     .implicit_tls(true)
                     .connect()
                     .await
-                    .map(Connection::Tls),
+                    .map(|client| Connection::Tls(Box::new(client))),
             }
         };
         match tokio::time::timeout(handshake, connecting).await {

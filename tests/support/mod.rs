@@ -194,7 +194,9 @@ impl Aiosmtpd {
     pub fn start() -> Self {
         let port = free_port();
         let folder = tempfile::tempdir().unwrap();
-        let child = Command::new("python3")
+        // scripts/test.sh points this at a virtual environment with aiosmtpd installed.
+        let python = std::env::var("HERALD_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+        let child = Command::new(&python)
             .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
             .args(["-c", "smtp_recorder.Recorder"])
             .arg(folder.path())
@@ -212,8 +214,8 @@ impl Aiosmtpd {
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Ok(Some(status)) = server.child.try_wait() {
                 panic!(
-                    "aiosmtpd exited with {status}; install it with `python3 -m pip install aiosmtpd` \
-                     (the README's test command does)"
+                    "aiosmtpd ({python}) exited with {status}: run the tests with scripts/test.sh, \
+                     which installs it"
                 );
             }
             assert!(

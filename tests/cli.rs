@@ -1,0 +1,277 @@
+//! The command line as an operator meets it: the shipped demo, `check`, configuration errors,
+//! `enqueue`, `status` and `preferences verify`.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use support::{Options, Sink, TestEnv, repo_path};
+
+fn herald() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_herald"))
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// A copy of the parts of the repository the demo uses, so the test never touches `var/`.
+fn repo_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for folder in ["config", "templates", "examples"] {
+        copy_tree(&repo_path(folder), &dir.path().join(folder));
+    }
+    dir
+}
+
+#[test]
+fn the_demo_writes_the_five_notifications_as_eml_files() {
+    let copy = repo_copy();
+    let output = Command::new(copy.path().join("examples/demo.sh"))
+        .arg("--drain")
+        .env("HERALD_BIN", env!("CARGO_BIN_EXE_herald"))
+        .env_remove("HERALD_CONFIG")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    let mail: Vec<_> = std::fs::read_dir(copy.path().join("var/mail"))
+        .unwrap()
+        .collect();
+    assert_eq!(mail.len(), 8, "five notifications to eight recipients");
+    assert_eq!(log.matches("delivered").count(), 8, "{log}");
+}
+
+#[test]
+fn check_accepts_the_shipped_configuration() {
+    let output = herald()
+        .args([
+            "--config",
+            &repo_path("config/herald.yaml").display().to_string(),
+            "check",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("4 kinds, 17 templates, 5 notifications rendered"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_lists_every_template_error_with_file_and_line() {
+    let copy = repo_copy();
+    let templates = copy.path().join("templates");
+    std::fs::write(
+        templates.join("vxc.approved/customer.html"),
+        "{% extends \"layout.html\" %}\n{% block content %}\n{{ oops( }}\n{% endblock %}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        templates.join("vxc.service_up/customer.txt"),
+        "{% extends \"layout.txt\" %}\n{% block content %}\n{% if %}\n{% endblock %}\n",
+    )
+    .unwrap();
+    std::fs::remove_file(templates.join("vxc.speed_change_requested/provider.subject.txt"))
+        .unwrap();
+
+    let output = herald()
+        .arg("--config")
+        .arg(copy.path().join("config/herald.yaml"))
+        .arg("check")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("3 problem(s)"), "{stderr}");
+    assert!(stderr.contains("vxc.approved/customer.html:3:"), "{stderr}");
+    assert!(
+        stderr.contains("vxc.service_up/customer.txt:3:"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("vxc.speed_change_requested/provider.subject.txt: missing"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_reports_a_template_that_uses_an_undefined_value() {
+    let copy = repo_copy();
+    let file = copy
+        .path()
+        .join("templates/vxc.approved/customer.subject.txt");
+    std::fs::write(&file, "Approved: {{ service_nmae }}").unwrap();
+    let output = herald()
+        .arg("--config")
+        .arg(copy.path().join("config/herald.yaml"))
+        .arg("check")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("vxc.approved/customer.subject.txt:1: undefined value"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn configuration_errors_are_all_reported_with_their_paths() {
+    let copy = repo_copy();
+    let config = copy.path().join("config/herald.yaml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("per_second: 10 ", "per_second: 0 ")
+        .replace("initial_backoff: 30s", "initial_backoff: soon")
+        .replace(
+            "secret: demo-only-secret-do-not-use-in-production",
+            "secret: ${HERALD_TEST_UNSET_SECRET}",
+        );
+    std::fs::write(&config, text).unwrap();
+    let output = herald()
+        .arg("--config")
+        .arg(&config)
+        .arg("check")
+        .env_remove("HERALD_TEST_UNSET_SECRET")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("rate_limit.per_second: must be at least 1"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("retry.initial_backoff: \"soon\" is not a duration"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "preferences.secret: environment variable HERALD_TEST_UNSET_SECRET is not set"
+        ),
+        "{stderr}"
+    );
+
+    // With the variable set, the secret comes from the environment and is never printed.
+    let secret = "s3cret-from-the-environment-0123";
+    let fixed = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("per_second: 0 ", "per_second: 10 ")
+        .replace("initial_backoff: soon", "initial_backoff: 30s");
+    std::fs::write(&config, fixed).unwrap();
+    let output = herald()
+        .arg("--config")
+        .arg(&config)
+        .arg("check")
+        .env("HERALD_TEST_UNSET_SECRET", secret)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&output.stdout).contains(secret));
+}
+
+#[test]
+fn an_unknown_configuration_key_is_an_error() {
+    let copy = repo_copy();
+    let config = copy.path().join("config/herald.yaml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("  burst: 10", "  burts: 10");
+    std::fs::write(&config, text).unwrap();
+    let output = herald()
+        .arg("--config")
+        .arg(&config)
+        .arg("check")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("burts"), "{stderr}");
+}
+
+#[test]
+fn a_missing_configuration_file_names_the_path() {
+    let output = herald()
+        .args(["--config", "/nonexistent/herald.yaml", "status"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("cannot read configuration file /nonexistent/herald.yaml")
+    );
+}
+
+#[tokio::test]
+async fn enqueue_from_stdin_status_and_preferences_verify() {
+    let env = TestEnv::new(Options::new(Sink::Files)).await;
+    let payload =
+        std::fs::read_to_string(repo_path("examples/payloads/vxc.approved.json")).unwrap();
+    let mut child = env
+        .herald_command(&["enqueue", "vxc.approved", "-", "--idempotency-key", "k1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(payload.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("enqueued outbox row 1 (vxc.approved)")
+    );
+
+    let status = env.herald(&["status"]);
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert!(shown.contains("outbox:     pending 1"), "{shown}");
+    assert!(shown.contains("oldest pending: "), "{shown}");
+
+    assert!(env.herald(&["run", "--drain"]).status.success());
+    let shown = String::from_utf8_lossy(&env.herald(&["status"]).stdout).into_owned();
+    assert!(
+        shown.contains("deliveries: sent 2") && shown.contains("oldest pending: none"),
+        "{shown}"
+    );
+
+    let mail = std::fs::read_dir(env.mail_dir())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let bytes = std::fs::read(mail).unwrap();
+    let message = mail_parser::MessageParser::default().parse(&bytes).unwrap();
+    let text = message.body_text(0).unwrap();
+    let link = text.lines().find(|l| l.contains("token=")).unwrap();
+    let verified = env.herald(&["preferences", "verify", link]);
+    assert!(verified.status.success());
+    assert!(String::from_utf8_lossy(&verified.stdout).starts_with("valid: contact acme-"));
+
+    let forged = link.replace("token=", "token=Zm9v.");
+    let rejected = env.herald(&["preferences", "verify", &forged]);
+    assert!(!rejected.status.success());
+    assert!(String::from_utf8_lossy(&rejected.stdout).starts_with("invalid:"));
+}

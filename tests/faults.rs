@@ -1,0 +1,310 @@
+//! SMTP faults through a scriptable server: temporary and permanent rejections, dropped
+//! connections, a server that is down, and a shutdown in the middle of a send.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::scripted_smtp::{ScriptedSmtp, Step};
+use support::{Options, SAMPLE_KINDS, Sink, TestEnv, free_port};
+
+async fn deliveries(env: &TestEnv) -> Vec<(String, String, i64, Option<String>, Option<String>)> {
+    sqlx::query_as(
+        "SELECT recipient_email, state, attempts, last_error, smtp_reply FROM herald_deliveries ORDER BY id",
+    )
+    .fetch_all(env.store().await.pool())
+    .await
+    .unwrap()
+}
+
+async fn drain(env: &TestEnv) -> (bool, String) {
+    let mut command = tokio::process::Command::from(env.herald_command(&["run", "--drain"]));
+    let output = command.output().await.unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_451_is_retried_and_delivered_once_with_the_same_message_id() {
+    let smtp = ScriptedSmtp::start().await;
+    smtp.script(
+        "noc@cloudco.example",
+        &[Step::Reply("451 4.3.0 Try again later")],
+    );
+    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    env.enqueue_sample("vxc.speed_change_requested").await;
+
+    let (ok, log) = drain(&env).await;
+    assert!(ok, "{log}");
+    let rows = deliveries(&env).await;
+    assert_eq!(rows[0].1, "retrying");
+    assert_eq!(rows[0].2, 1);
+    assert!(
+        rows[0]
+            .3
+            .as_deref()
+            .unwrap()
+            .contains("451 4.3.0 Try again later")
+    );
+    assert!(
+        log.contains("will retry"),
+        "a WARN line says it will be retried: {log}"
+    );
+
+    tokio::time::sleep(Duration::from_millis(300)).await; // initial_backoff is 100ms
+    let (ok, log) = drain(&env).await;
+    assert!(ok, "{log}");
+    let rows = deliveries(&env).await;
+    assert_eq!((rows[0].1.as_str(), rows[0].2), ("sent", 2));
+
+    let seen = smtp.transactions();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(smtp.accepted().len(), 1, "delivered once");
+    assert_eq!(
+        seen[0].message_id, seen[1].message_id,
+        "the retry carries the same Message-ID"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_550_is_dead_at_once_with_the_reply_and_the_others_still_go_out() {
+    let smtp = ScriptedSmtp::start().await;
+    smtp.script(
+        "noc@cloudco.example",
+        &[Step::Reply("550 5.1.1 Mailbox unavailable")],
+    );
+    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    env.enqueue_sample("vxc.approval_required").await;
+
+    let (ok, log) = drain(&env).await;
+    assert!(ok, "{log}");
+    for (email, state, attempts, error, reply) in deliveries(&env).await {
+        if email == "noc@cloudco.example" {
+            assert_eq!((state.as_str(), attempts), ("dead", 1));
+            assert_eq!(reply.as_deref(), Some("550 5.1.1 Mailbox unavailable"));
+            assert!(error.unwrap().contains("550"));
+        } else {
+            assert_eq!(state, "sent", "{email}");
+        }
+    }
+    assert!(log.contains("delivery is dead"));
+    assert_eq!(
+        smtp.connections(),
+        1,
+        "after a rejection the session is reset and reused"
+    );
+
+    let (ok, _) = drain(&env).await;
+    assert!(ok);
+    assert_eq!(
+        smtp.transactions().len(),
+        3,
+        "a dead delivery is never tried again"
+    );
+
+    let status = env.herald(&["status"]);
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        shown.contains("dead 1") && shown.contains("550 5.1.1 Mailbox unavailable"),
+        "{shown}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retries_stop_at_max_attempts_with_a_clear_reason() {
+    let smtp = ScriptedSmtp::start().await;
+    smtp.script(
+        "noc@cloudco.example",
+        &[
+            Step::Reply("452 4.2.2 Mailbox full"),
+            Step::Reply("452 4.2.2 Mailbox full"),
+            Step::Reply("452 4.2.2 Mailbox full"),
+        ],
+    );
+    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await; // max_attempts: 3
+    env.enqueue_sample("vxc.speed_change_requested").await;
+    for _ in 0..3 {
+        assert!(drain(&env).await.0);
+        tokio::time::sleep(Duration::from_millis(1100)).await; // max_backoff is 1s
+    }
+    let rows = deliveries(&env).await;
+    assert_eq!((rows[0].1.as_str(), rows[0].2), ("dead", 3));
+    assert!(
+        rows[0]
+            .3
+            .as_deref()
+            .unwrap()
+            .starts_with("gave up after 3 attempts")
+    );
+    assert_eq!(smtp.accepted().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_dropped_mid_message_is_retried_on_a_new_connection() {
+    let smtp = ScriptedSmtp::start().await;
+    smtp.script("dana@acme.example", &[Step::Drop]);
+    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    env.enqueue_sample("vxc.approved").await;
+
+    assert!(drain(&env).await.0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(drain(&env).await.0);
+
+    let rows = deliveries(&env).await;
+    assert!(rows.iter().all(|r| r.1 == "sent"), "{rows:?}");
+    let accepted = smtp.accepted();
+    assert_eq!(accepted.len(), 2);
+    assert_eq!(
+        accepted
+            .iter()
+            .filter(|t| t.rcpt == "dana@acme.example")
+            .count(),
+        1
+    );
+    assert!(
+        smtp.connections() >= 2,
+        "the broken connection was replaced"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_421_closes_the_session_and_the_message_is_retried() {
+    let smtp = ScriptedSmtp::start().await;
+    smtp.script(
+        "dana@acme.example",
+        &[Step::Reply("421 4.7.0 Too many messages, closing")],
+    );
+    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    env.enqueue_sample("vxc.approved").await;
+
+    assert!(drain(&env).await.0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(drain(&env).await.0);
+    assert!(deliveries(&env).await.iter().all(|r| r.1 == "sent"));
+    assert_eq!(smtp.accepted().len(), 2);
+    assert!(smtp.connections() >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn while_the_server_is_down_nothing_is_lost_or_charged_an_attempt() {
+    let port = free_port();
+    let env = TestEnv::new(Options::new(Sink::Smtp(port))).await;
+    for kind in SAMPLE_KINDS {
+        env.enqueue_sample(kind).await;
+    }
+
+    let (ok, log) = drain(&env).await;
+    assert!(!ok, "a drain that cannot reach the server fails");
+    assert!(
+        log.contains("cannot open an SMTP session with 127.0.0.1"),
+        "{log}"
+    );
+    let rows = deliveries(&env).await;
+    assert_eq!(rows.len(), 8);
+    assert!(rows.iter().all(|r| r.1 == "queued" && r.2 == 0), "{rows:?}");
+
+    let smtp = ScriptedSmtp::start_on(port).await;
+    let (ok, log) = drain(&env).await;
+    assert!(ok, "{log}");
+    assert!(deliveries(&env).await.iter().all(|r| r.1 == "sent"));
+    assert_eq!(smtp.accepted().len(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_rides_out_a_server_outage() {
+    let smtp = ScriptedSmtp::start().await;
+    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    smtp.stop();
+    let mut daemon = tokio::process::Command::from(env.herald_command(&["run"]))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for kind in SAMPLE_KINDS {
+        env.enqueue_sample(kind).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(smtp.transactions().len(), 0);
+
+    let smtp = smtp.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while smtp.accepted().len() < 8 {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not resume after the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::process::Command::new("kill")
+        .args(["-TERM", &daemon.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(daemon.wait().await.unwrap().success());
+    assert!(
+        deliveries(&env)
+            .await
+            .iter()
+            .all(|r| r.1 == "sent" && r.2 == 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_mid_send_finishes_the_send_and_releases_the_rest() {
+    let smtp = ScriptedSmtp::start().await;
+    smtp.delay_data(Duration::from_millis(700));
+    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    for kind in SAMPLE_KINDS {
+        env.enqueue_sample(kind).await;
+    }
+    let mut daemon = tokio::process::Command::from(env.herald_command(&["run"]))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // Wait until a message is in flight (DATA sent, reply held back), then ask it to stop.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while smtp.transactions().is_empty() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::process::Command::new("kill")
+        .args(["-TERM", &daemon.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), daemon.wait())
+        .await
+        .expect("stops")
+        .unwrap();
+    assert!(status.success());
+
+    // Nothing half-recorded: sent in the database exactly when accepted by the server, no
+    // lease left behind, no attempt charged to what was not sent.
+    let accepted = smtp.accepted();
+    let rows: Vec<(String, String, i64, Option<String>)> = sqlx::query_as(
+        "SELECT message_id, state, attempts, lease_owner FROM herald_deliveries ORDER BY id",
+    )
+    .fetch_all(env.store().await.pool())
+    .await
+    .unwrap();
+    assert!(
+        !accepted.is_empty() && accepted.len() < 8,
+        "stopped mid-run: {} sent",
+        accepted.len()
+    );
+    for (message_id, state, attempts, lease) in &rows {
+        let was_accepted = accepted.iter().any(|t| &t.message_id == message_id);
+        assert_eq!(state == "sent", was_accepted, "{message_id}");
+        assert_eq!(*attempts, i64::from(was_accepted));
+        assert!(lease.is_none(), "lease released");
+    }
+
+    // A restart sends the rest, each exactly once.
+    smtp.delay_data(Duration::ZERO);
+    assert!(drain(&env).await.0);
+    let accepted = smtp.accepted();
+    assert_eq!(accepted.len(), 8);
+    let unique: std::collections::BTreeSet<_> = accepted.iter().map(|t| &t.message_id).collect();
+    assert_eq!(unique.len(), 8);
+}
