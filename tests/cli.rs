@@ -6,31 +6,20 @@ mod support;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use support::{Options, Sink, TestEnv, repo_path};
+use support::{Options, Sink, TestEnv, repo_copy, repo_path};
 
 fn herald() -> Command {
     Command::new(env!("CARGO_BIN_EXE_herald"))
 }
 
-fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &to.join(entry.file_name()));
-        } else {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
-    }
-}
-
-/// A copy of the parts of the repository the demo uses, so the test never touches `var/`.
-fn repo_copy() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for folder in ["config", "templates", "examples"] {
-        copy_tree(&repo_path(folder), &dir.path().join(folder));
-    }
-    dir
+/// `herald check` on a repository copy's shipped configuration.
+fn check(copy: &std::path::Path) -> std::process::Output {
+    herald()
+        .arg("--config")
+        .arg(copy.join("config/herald.yaml"))
+        .arg("check")
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -90,12 +79,7 @@ fn check_lists_every_template_error_with_file_and_line() {
     std::fs::remove_file(templates.join("vxc.speed_change_requested/provider.subject.txt"))
         .unwrap();
 
-    let output = herald()
-        .arg("--config")
-        .arg(copy.path().join("config/herald.yaml"))
-        .arg("check")
-        .output()
-        .unwrap();
+    let output = check(copy.path());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("3 problem(s)"), "{stderr}");
@@ -117,12 +101,7 @@ fn check_reports_a_template_that_uses_an_undefined_value() {
         .path()
         .join("templates/vxc.approved/customer.subject.txt");
     std::fs::write(&file, "Approved: {{ service_nmae }}").unwrap();
-    let output = herald()
-        .arg("--config")
-        .arg(copy.path().join("config/herald.yaml"))
-        .arg("check")
-        .output()
-        .unwrap();
+    let output = check(copy.path());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(

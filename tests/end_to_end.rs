@@ -168,11 +168,7 @@ async fn the_daemon_picks_up_new_rows_and_stops_cleanly_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    support::terminate(daemon.id());
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = daemon.try_wait().unwrap() {

@@ -236,10 +236,7 @@ async fn the_daemon_rides_out_a_server_outage() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    std::process::Command::new("kill")
-        .args(["-TERM", &daemon.id().unwrap().to_string()])
-        .status()
-        .unwrap();
+    support::terminate(daemon.id().unwrap());
     assert!(daemon.wait().await.unwrap().success());
     assert!(
         deliveries(&env)
@@ -269,10 +266,7 @@ async fn sigterm_mid_send_finishes_the_send_and_releases_the_rest() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    std::process::Command::new("kill")
-        .args(["-TERM", &daemon.id().unwrap().to_string()])
-        .status()
-        .unwrap();
+    support::terminate(daemon.id().unwrap());
     let status = tokio::time::timeout(Duration::from_secs(10), daemon.wait())
         .await
         .expect("stops")

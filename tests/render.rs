@@ -238,7 +238,7 @@ async fn payload_values_are_escaped_in_html_and_never_evaluated() {
 async fn an_undefined_value_is_an_error_naming_the_template_and_line() {
     let fixture = fixture().await;
     let dir = tempfile::tempdir().unwrap();
-    copy_dir(&repo_path("templates"), dir.path());
+    support::copy_tree(&repo_path("templates"), dir.path());
     let broken = dir.path().join("vxc.approved/customer.txt");
     let source = std::fs::read_to_string(&broken).unwrap();
     std::fs::write(
@@ -265,17 +265,4 @@ async fn an_undefined_value_is_an_error_naming_the_template_and_line() {
         + 1;
     assert_eq!(err.line, Some(line));
     assert!(err.reason.contains("undefined"), "{err}");
-}
-
-pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            std::fs::create_dir_all(&target).unwrap();
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }

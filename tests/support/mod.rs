@@ -162,6 +162,38 @@ fn config_yaml(dir: &Path, options: &Options) -> String {
     )
 }
 
+/// Copies a folder recursively.
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// A copy of the repository's `config/`, `templates/` and `examples/`, for tests that edit
+/// them or run the shipped configuration without touching the working tree's `var/`.
+pub fn repo_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for folder in ["config", "templates", "examples"] {
+        copy_tree(&repo_path(folder), &dir.path().join(folder));
+    }
+    dir
+}
+
+/// Sends SIGTERM to a process, as a service manager would.
+pub fn terminate(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -TERM {pid}");
+}
+
 /// A port on loopback that nothing listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -194,8 +226,16 @@ impl Aiosmtpd {
     pub fn start() -> Self {
         let port = free_port();
         let folder = tempfile::tempdir().unwrap();
-        // scripts/test.sh points this at a virtual environment with aiosmtpd installed.
-        let python = std::env::var("HERALD_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+        // scripts/test.sh installs aiosmtpd into target/test-python and names it here; a plain
+        // `cargo test` finds that environment once the script has run.
+        let venv = repo_path("target/test-python/bin/python");
+        let python = std::env::var("HERALD_TEST_PYTHON").unwrap_or_else(|_| {
+            if venv.exists() {
+                venv.display().to_string()
+            } else {
+                "python3".into()
+            }
+        });
         let child = Command::new(&python)
             .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
             .args(["-c", "smtp_recorder.Recorder"])
