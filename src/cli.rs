@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use chrono::Utc;
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{CONFIG_ENV, DEFAULT_CONFIG_PATH, Settings};
 use crate::directory::DirectoryFile;
@@ -203,6 +203,16 @@ async fn run_daemon(settings: Settings, drain: bool) -> Result<ExitCode> {
         mode = if drain { "drain" } else { "daemon" },
         "herald started"
     );
+    if settings
+        .preferences
+        .secret
+        .expose()
+        .starts_with("demo-only")
+    {
+        warn!(
+            "preferences.secret is the shipped demo value: anyone can forge preference links; set a long random secret for production"
+        );
+    }
 
     let (stop, shutdown) = watch::channel(false);
     tokio::spawn(async move {

@@ -118,6 +118,7 @@ fn configuration_errors_are_all_reported_with_their_paths() {
         .unwrap()
         .replace("per_second: 10 ", "per_second: 0 ")
         .replace("initial_backoff: 30s", "initial_backoff: soon")
+        .replace("lease: 5m", "lease: 2s")
         .replace(
             "secret: demo-only-secret-do-not-use-in-production",
             "secret: ${HERALD_TEST_UNSET_SECRET}",
@@ -137,6 +138,10 @@ fn configuration_errors_are_all_reported_with_their_paths() {
         "{stderr}"
     );
     assert!(
+        stderr.contains("delivery.lease: must be longer than the longest send"),
+        "{stderr}"
+    );
+    assert!(
         stderr.contains("retry.initial_backoff: \"soon\" is not a duration"),
         "{stderr}"
     );
@@ -152,7 +157,8 @@ fn configuration_errors_are_all_reported_with_their_paths() {
     let fixed = std::fs::read_to_string(&config)
         .unwrap()
         .replace("per_second: 0 ", "per_second: 10 ")
-        .replace("initial_backoff: soon", "initial_backoff: 30s");
+        .replace("initial_backoff: soon", "initial_backoff: 30s")
+        .replace("lease: 2s", "lease: 5m");
     std::fs::write(&config, fixed).unwrap();
     let output = herald()
         .arg("--config")

@@ -97,6 +97,15 @@ pub enum TransportSettings {
 }
 
 impl TransportSettings {
+    /// The longest one send can take. A delivery whose lease ends sooner is not started.
+    pub fn send_budget(&self) -> Duration {
+        match self {
+            // MAIL, RCPT, DATA and the message body are each bounded by the timeout.
+            Self::Smtp(smtp) => smtp.timeout * 4,
+            Self::File { .. } => Duration::from_secs(5),
+        }
+    }
+
     /// A short description for the start-up log line; never includes credentials.
     pub fn describe(&self) -> String {
         match self {
@@ -273,12 +282,12 @@ impl Settings {
                 ));
             }
         }
-        let smtp_timeout = match &transport {
-            TransportSettings::Smtp(smtp) => smtp.timeout,
-            TransportSettings::File { .. } => Duration::ZERO,
-        };
-        if delivery.lease <= smtp_timeout * 4 {
-            check.problem("delivery.lease: must be longer than four SMTP timeouts, so that a send never outlives its claim");
+        if delivery.lease <= transport.send_budget() {
+            check.problem(format!(
+                "delivery.lease: must be longer than the longest send ({:?} with this transport), \
+                 so that a send never outlives its claim",
+                transport.send_budget()
+            ));
         }
 
         if !check.problems.is_empty() {

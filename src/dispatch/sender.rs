@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::retry::RetryPolicy;
-use crate::config::{Settings, TransportSettings};
+use crate::config::Settings;
 use crate::render::message::{Envelope, build_message};
 use crate::render::{RecipientView, Renderer};
 use crate::store::{AttemptRecord, ClaimedDelivery, Store, StoreError};
@@ -42,11 +42,7 @@ impl<S: Store> Sender<S> {
     pub fn new(store: S, settings: Arc<Settings>, renderer: Arc<Renderer>, owner: String) -> Self {
         let quota = Quota::per_second(settings.rate_limit.per_second)
             .allow_burst(settings.rate_limit.burst);
-        let send_budget = match &settings.transport {
-            // MAIL, RCPT, DATA and the message body are each bounded by the timeout.
-            TransportSettings::Smtp(smtp) => smtp.timeout * 4,
-            TransportSettings::File { .. } => Duration::from_secs(5),
-        };
+        let send_budget = settings.transport.send_budget();
         Self {
             store,
             transport: Transport::from_settings(&settings.transport),
