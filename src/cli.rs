@@ -74,7 +74,12 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum DirectoryCommand {
     /// Make the directory tables match a YAML file (upsert, and remove what it does not list).
-    Import { file: PathBuf },
+    Import {
+        file: PathBuf,
+        /// Accept a file that lists no companies, which empties the directory.
+        #[arg(long)]
+        allow_empty: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,9 +123,16 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run { drain } => run_daemon(settings, drain).await,
         Command::Check => check(&settings),
         Command::Directory {
-            command: DirectoryCommand::Import { file },
+            command: DirectoryCommand::Import { file, allow_empty },
         } => {
             let directory = DirectoryFile::load(&file)?;
+            if directory.companies.is_empty() && !allow_empty {
+                bail!(
+                    "{} lists no companies: importing it would remove the whole directory; \
+                     pass --allow-empty if that is what you want",
+                    file.display()
+                );
+            }
             let store = open_store(&settings).await?;
             let summary = store.replace_directory(&directory).await?;
             println!(
@@ -153,7 +165,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {
-            let store = open_store(&settings).await?;
+            let store = open_existing_store(&settings).await?;
             print_status(&store).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -179,8 +191,17 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Opens the database (creating it if needed) and brings its tables up to date.
 async fn open_store(settings: &Settings) -> Result<SqliteStore> {
     let store = SqliteStore::connect(&settings.database.url).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// Opens a database that must already exist: a reporting command pointed at a mistyped path
+/// says so instead of creating an empty database and reporting that all is quiet.
+async fn open_existing_store(settings: &Settings) -> Result<SqliteStore> {
+    let store = SqliteStore::connect_existing(&settings.database.url).await?;
     store.migrate().await?;
     Ok(store)
 }
@@ -262,42 +283,60 @@ fn read_payload(path: &Path) -> Result<String> {
 }
 
 /// `herald check`: the configuration was already validated by loading it; now compile the
-/// templates and, when sample payloads are configured, render every notification with them.
+/// templates and, when sample payloads are configured, render each template of every
+/// notification with them. Every problem is listed, each once.
 fn check(settings: &Settings) -> Result<ExitCode> {
-    let renderer = load_renderer(settings)?;
-    let mut problems = Vec::new();
+    let (templates, compile_problems) =
+        TemplateSet::load_all(&settings.templates_dir, &settings.catalog);
+    let template_count = templates.len();
+    let signer = PreferenceSigner::new(&settings.preferences.url, &settings.preferences.secret);
+    let renderer = Renderer::new(templates, settings.brand.clone(), signer);
+    let in_templates =
+        |problem: &dyn std::fmt::Display| format!("{}/{problem}", settings.templates_dir.display());
+    let mut problems: Vec<String> = compile_problems.iter().map(|p| in_templates(p)).collect();
+
     let mut rendered = 0;
-    if let Some(samples) = &settings.samples_dir {
-        for spec in settings.catalog.specs() {
-            let sample = samples.join(format!("{}.json", spec.kind));
-            let payload = match std::fs::read_to_string(&sample) {
-                Ok(text) => text,
-                Err(err) => {
-                    problems.push(format!(
-                        "{}: cannot read the sample payload: {err}",
-                        sample.display()
-                    ));
-                    continue;
-                }
-            };
-            let payload = match settings.catalog.validate(&spec.kind, &payload) {
-                Ok((_, payload)) => payload,
-                Err(err) => {
-                    problems.push(format!("{}: {err}", sample.display()));
-                    continue;
-                }
-            };
-            for &audience in &spec.audiences {
-                let recipient = sample_recipient(audience);
-                match renderer.render(&spec.kind, audience, &payload, recipient, Utc::now()) {
-                    Ok(_) => rendered += 1,
-                    Err(err) => {
-                        problems.push(format!("{}/{err}", settings.templates_dir.display()))
-                    }
+    for spec in settings.catalog.specs() {
+        let Some(samples) = &settings.samples_dir else {
+            break;
+        };
+        let sample = samples.join(format!("{}.json", spec.kind));
+        let payload = match std::fs::read(&sample) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                problems.push(format!(
+                    "{}: cannot read the sample payload: {err}",
+                    sample.display()
+                ));
+                continue;
+            }
+        };
+        let payload = match settings.catalog.validate(&spec.kind, &payload) {
+            Ok((_, payload)) => payload,
+            Err(err) => {
+                problems.push(format!("{}: {err}", sample.display()));
+                continue;
+            }
+        };
+        for &audience in &spec.audiences {
+            let recipient = sample_recipient(audience);
+            let errors = renderer.check(&spec.kind, audience, &payload, recipient, Utc::now());
+            if errors.is_empty() {
+                rendered += 1;
+            }
+            // A template that failed to compile or is missing was reported above.
+            for error in errors
+                .iter()
+                .filter(|e| !e.reason.starts_with("template not found"))
+            {
+                let problem = in_templates(error);
+                if !problems.contains(&problem) {
+                    problems.push(problem);
                 }
             }
         }
     }
+
     if !problems.is_empty() {
         bail!(
             "{} problem(s):\n  - {}",
@@ -306,10 +345,9 @@ fn check(settings: &Settings) -> Result<ExitCode> {
         );
     }
     println!(
-        "ok: {} ({} kinds, {} templates, {rendered} notifications rendered with sample payloads)",
+        "ok: {} ({} kinds, {template_count} templates, {rendered} notifications rendered with sample payloads)",
         settings.source.display(),
         settings.catalog.kinds().count(),
-        renderer.templates().len()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -96,6 +96,46 @@ async fn bad_rows_fail_with_their_reason_and_good_rows_still_go_out() {
             edited("vxc.approval_required", |p| p["payer"] = "nobody".into()),
             &["\"payer\"", "one of"],
         ),
+        (
+            "vxc.approved",
+            edited("vxc.approved", |p| {
+                p["provider"]["company_id"] = "nosuch".into()
+            }),
+            &["\"provider.company_id\"", "nosuch", "not in the directory"],
+        ),
+        (
+            "vxc.approval_required",
+            edited("vxc.approval_required", |p| {
+                p["ordered_at"] = "9999-12-01T00:00:00Z".into()
+            }),
+            &["\"ordered_at\"", "outside the years"],
+        ),
+        (
+            "vxc.approved",
+            edited("vxc.approved", |p| {
+                p["customer"]["name"] = "Acme\r\nBcc: evil@example.com".into()
+            }),
+            &["\"customer.name\"", "control character U+000D"],
+        ),
+        (
+            "vxc.approved",
+            edited("vxc.approved", |p| {
+                p["service_name"] = "Sydney\u{202E}oCduolC".into()
+            }),
+            &["\"service_name\"", "U+202E"],
+        ),
+        (
+            "vxc.approved",
+            edited("vxc.approved", |p| {
+                p["requested_by"]["email"] = "not an email".into()
+            }),
+            &["\"requested_by.email\"", "not an email address"],
+        ),
+        (
+            "vxc.approved",
+            edited("vxc.approved", |p| p["padding"] = "x".repeat(70_000).into()),
+            &["larger than the limit of 65536 bytes"],
+        ),
     ];
 
     let mut good_ids = vec![
@@ -251,5 +291,91 @@ async fn a_delivery_is_unique_per_row_notification_and_address() {
     assert!(
         again.is_err(),
         "the database refuses a second delivery of the same notification"
+    );
+}
+
+#[tokio::test]
+async fn a_row_that_is_not_utf8_fails_alone() {
+    let env = TestEnv::new(Options::new(Sink::Files)).await;
+    let store = env.store().await;
+    // SQLite does not check that TEXT is UTF-8; a producer can store anything.
+    let bad: i64 = sqlx::query_scalar(
+        "INSERT INTO herald_outbox (kind, payload) VALUES ('vxc.approved', CAST(X'FFFE7B7D' AS TEXT)) RETURNING id",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    let good = env.enqueue_sample("vxc.approved").await;
+
+    let run = env.herald(&["run", "--drain"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let status = |id: i64| {
+        sqlx::query_as::<_, (String, Option<String>)>(
+            "SELECT status, reason FROM herald_outbox_status WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(store.pool())
+    };
+    let (state, reason) = status(bad).await.unwrap();
+    assert_eq!(state, "failed");
+    assert!(reason.unwrap().contains("not valid JSON"));
+    assert_eq!(status(good).await.unwrap().0, "done");
+}
+
+#[tokio::test]
+async fn values_of_the_wrong_type_are_refused_when_written() {
+    let env = TestEnv::new(Options::new(Sink::Files)).await;
+    let store = env.store().await;
+    let blob =
+        sqlx::query("INSERT INTO herald_outbox (kind, payload) VALUES ('vxc.approved', X'7B7D')")
+            .execute(store.pool())
+            .await;
+    assert!(blob.is_err(), "a BLOB payload is refused at insert");
+    let flag = sqlx::query(
+        "INSERT INTO herald_contacts (id, company_id, name, email, role, active) \
+         VALUES ('p1', 'acme', 'P', 'p@acme.example', 'company_admin', 'yes')",
+    )
+    .execute(store.pool())
+    .await;
+    assert!(flag.is_err(), "active must be 0 or 1");
+}
+
+#[tokio::test]
+async fn a_contact_with_an_unusable_address_is_skipped_and_noted() {
+    let env = TestEnv::new(Options::new(Sink::Files)).await;
+    let store = env.store().await;
+    sqlx::query(
+        "INSERT INTO herald_contacts (id, company_id, name, email, role) \
+         VALUES ('acme-bad', 'acme', 'Bad Bytes', CAST(X'626164FF40616362652E6578616D706C65' AS TEXT), 'company_admin')",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO herald_contact_groups VALUES ('acme-bad', 'ordering')")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let id = env.enqueue_sample("vxc.approved").await;
+
+    let run = env.herald(&["run", "--drain"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let (recipients, reason): (i64, String) =
+        sqlx::query_as("SELECT recipients, reason FROM herald_outbox WHERE id = $1")
+            .bind(id)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(recipients, 2, "dana and pat still get theirs");
+    assert!(
+        reason.contains("unusable email address: acme-bad"),
+        "{reason}"
     );
 }

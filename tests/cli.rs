@@ -260,3 +260,153 @@ async fn enqueue_from_stdin_status_and_preferences_verify() {
     assert!(!rejected.status.success());
     assert!(String::from_utf8_lossy(&rejected.stdout).starts_with("invalid:"));
 }
+
+#[test]
+fn check_goes_on_past_a_broken_template_and_names_undefined_values() {
+    let copy = repo_copy();
+    let templates = copy.path().join("templates");
+    let edit = |file: &str, from: &str, to: &str| {
+        let path = templates.join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{file} has no {from:?}");
+        std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+    };
+    edit(
+        "vxc.approved/customer.txt",
+        "{% block content",
+        "{% if %}{% block content",
+    );
+    edit(
+        "vxc.approval_required/provider.subject.txt",
+        "{{ reference }}",
+        "{{ refrence }}",
+    );
+    edit(
+        "vxc.approval_required/provider.html",
+        "{{ reference }}",
+        "{{ service_nmae }}",
+    );
+    edit(
+        "vxc.service_up/customer.html",
+        "{{ event_at | utc }}",
+        "{{ event_at | utcc }}",
+    );
+
+    let output = check(copy.path());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("4 problem(s)"), "{stderr}");
+    assert!(stderr.contains("vxc.approved/customer.txt:"), "{stderr}");
+    assert!(
+        stderr.contains("provider.subject.txt:1: undefined value: `refrence` is undefined"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("provider.html:") && stderr.contains("service_nmae"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("vxc.service_up/customer.html:") && stderr.contains("utcc"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn directory_import_refuses_unusable_contacts_and_an_accidental_empty_file() {
+    let env = tempfile::tempdir().unwrap();
+    let copy = repo_copy();
+    let config = copy.path().join("config/herald.yaml");
+    let import = |yaml: &str, extra: &[&str]| {
+        let file = env.path().join("directory.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        herald()
+            .arg("--config")
+            .arg(&config)
+            .args(["directory", "import"])
+            .arg(&file)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+
+    let bad = import(
+        "companies:\n  - id: a\n    name: A\n    contacts:\n\
+         \x20     - { id: c1, name: '', email: c1@a.example, role: company_admin }\n\
+         \x20     - { id: c2, name: José, email: josé@a.example, role: company_admin }\n",
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        stderr.contains("2 problem(s); nothing was imported"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("contact \"c1\": name must not be empty"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("contact \"c2\": \"josé@a.example\" is not an email address"),
+        "{stderr}"
+    );
+
+    let empty = import("companies: []\n", &[]);
+    assert!(!empty.status.success());
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("--allow-empty"));
+    let allowed = import("companies: []\n", &["--allow-empty"]);
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+}
+
+#[test]
+fn status_does_not_create_a_missing_database() {
+    let copy = repo_copy();
+    let output = herald()
+        .arg("--config")
+        .arg(copy.path().join("config/herald.yaml"))
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot open database"));
+    assert!(!copy.path().join("var").exists(), "nothing was created");
+}
+
+#[test]
+fn out_of_range_durations_and_empty_variables_are_refused() {
+    let copy = repo_copy();
+    let config = copy.path().join("config/herald.yaml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("poll_interval: 1s", "poll_interval: 0s")
+        .replace("max_backoff: 1h", "max_backoff: 100000000d")
+        .replace(
+            "tagline: Connectivity on demand",
+            "tagline: ${HERALD_TEST_EMPTY}",
+        );
+    std::fs::write(&config, text).unwrap();
+    let output = herald()
+        .arg("--config")
+        .arg(&config)
+        .arg("check")
+        .env("HERALD_TEST_EMPTY", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("database.poll_interval: \"0s\" is out of range; allowed 10ms to 1h"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("retry.max_backoff: \"100000000d\" is out of range"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("environment variable HERALD_TEST_EMPTY is set but empty"),
+        "{stderr}"
+    );
+}

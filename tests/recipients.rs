@@ -16,7 +16,7 @@ async fn recipients(env: &TestEnv, kind: &str) -> BTreeSet<(String, String)> {
     let event = OutboxEvent {
         id: 1,
         kind: kind.into(),
-        payload,
+        payload: payload.into_bytes(),
     };
     match decide(&env.store().await, &env.settings(), &event)
         .await

@@ -1,5 +1,7 @@
 -- herald's tables on SQLite. Times are UTC text in one fixed format
 -- (2026-12-04T15:26:07.123Z), so they sort and compare as text and read plainly in SQL.
+-- Tables are STRICT: a producer or portal that writes a value of the wrong type (a BLOB
+-- payload, active = 'yes') gets an error at once instead of leaving a row herald cannot read.
 
 -- The outbox. A producer inserts kind, payload and, optionally, idempotency_key; a second
 -- insert with a key already present is silently ignored (UNIQUE ... ON CONFLICT IGNORE), so
@@ -17,7 +19,7 @@ CREATE TABLE herald_outbox (
     processed_at    TEXT,
     recipients      INTEGER,
     reason          TEXT
-);
+) STRICT;
 
 CREATE INDEX herald_outbox_pending ON herald_outbox (id) WHERE state = 'pending';
 
@@ -46,7 +48,7 @@ CREATE TABLE herald_deliveries (
     created_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     updated_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     UNIQUE (outbox_id, audience, recipient_email)
-);
+) STRICT;
 
 CREATE INDEX herald_deliveries_due ON herald_deliveries (next_attempt_at)
     WHERE state IN ('queued', 'retrying');
@@ -56,7 +58,7 @@ CREATE TABLE herald_companies (
     id         TEXT PRIMARY KEY,
     name       TEXT NOT NULL,
     updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-);
+) STRICT;
 
 CREATE TABLE herald_contacts (
     id         TEXT PRIMARY KEY,
@@ -64,9 +66,9 @@ CREATE TABLE herald_contacts (
     name       TEXT NOT NULL,
     email      TEXT NOT NULL,
     role       TEXT NOT NULL,
-    active     BOOLEAN NOT NULL DEFAULT TRUE,
+    active     INTEGER NOT NULL DEFAULT 1 CHECK (active IN (0, 1)),
     updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-);
+) STRICT;
 
 CREATE INDEX herald_contacts_company ON herald_contacts (company_id);
 
@@ -74,7 +76,7 @@ CREATE TABLE herald_contact_groups (
     contact_id TEXT NOT NULL REFERENCES herald_contacts (id) ON DELETE CASCADE,
     group_name TEXT NOT NULL,
     PRIMARY KEY (contact_id, group_name)
-);
+) STRICT;
 
 -- Per outbox row, the whole story: pending, done or failed, and why.
 CREATE VIEW herald_outbox_status AS

@@ -26,7 +26,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "config/herald.yaml";
 /// A configuration that could not be loaded. Every problem found is listed, not only the first.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read configuration file {path}: {source}")]
+    #[error("cannot read configuration file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -224,7 +224,12 @@ impl Settings {
 
         let database = DatabaseSettings {
             url: resolve_database_url(&check.expand("database.url", &raw.database.url), base),
-            poll_interval: check.duration("database.poll_interval", &raw.database.poll_interval),
+            poll_interval: check.duration(
+                "database.poll_interval",
+                &raw.database.poll_interval,
+                MS_10,
+                HOUR,
+            ),
         };
         if !database.url.starts_with("sqlite:") {
             check.problem(format!(
@@ -240,15 +245,25 @@ impl Settings {
         };
         let retry = RetrySettings {
             max_attempts: check.non_zero("retry.max_attempts", raw.retry.max_attempts),
-            initial_backoff: check.duration("retry.initial_backoff", &raw.retry.initial_backoff),
-            max_backoff: check.duration("retry.max_backoff", &raw.retry.max_backoff),
+            initial_backoff: check.duration(
+                "retry.initial_backoff",
+                &raw.retry.initial_backoff,
+                MS_10,
+                DAY,
+            ),
+            max_backoff: check.duration(
+                "retry.max_backoff",
+                &raw.retry.max_backoff,
+                MS_10,
+                DAY * 7,
+            ),
         };
         if retry.max_backoff < retry.initial_backoff {
             check.problem("retry.max_backoff: must not be shorter than retry.initial_backoff");
         }
         let delivery = DeliverySettings {
             batch_size: check.non_zero("delivery.batch_size", raw.delivery.batch_size),
-            lease: check.duration("delivery.lease", &raw.delivery.lease),
+            lease: check.duration("delivery.lease", &raw.delivery.lease, SECOND, DAY),
         };
         let templates_dir =
             normalize(&base.join(check.expand("templates.dir", &raw.templates.dir)));
@@ -258,11 +273,13 @@ impl Settings {
             .as_ref()
             .map(|dir| normalize(&base.join(check.expand("templates.samples", dir))));
         let brand = check.brand(&raw.brand);
+        let problems_before_secret = check.problems.len();
         let preferences = PreferenceSettings {
-            url: check.expand("preferences.url", &raw.preferences.url),
+            url: check.url("preferences.url", &raw.preferences.url),
             secret: Secret(check.expand("preferences.secret", &raw.preferences.secret)),
         };
-        if preferences.secret.expose().len() < 16 {
+        if check.problems.len() == problems_before_secret && preferences.secret.expose().len() < 16
+        {
             check.problem(
                 "preferences.secret: must be at least 16 characters (use a long random value)",
             );
@@ -351,6 +368,24 @@ fn resolve_database_url(url: &str, base: &Path) -> String {
     }
 }
 
+const MS_10: Duration = Duration::from_millis(10);
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// A duration bound as an operator would write it.
+fn describe_duration(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    match secs {
+        0 => format!("{}ms", duration.as_millis()),
+        _ if secs.is_multiple_of(86_400) => format!("{}d", secs / 86_400),
+        _ if secs.is_multiple_of(3600) => format!("{}h", secs / 3600),
+        _ if secs.is_multiple_of(60) => format!("{}m", secs / 60),
+        _ => format!("{secs}s"),
+    }
+}
+
 /// Collects problems while converting raw values, so that one run reports them all.
 struct Checker<'a> {
     problems: Vec<String>,
@@ -376,6 +411,9 @@ impl Checker<'_> {
             };
             let name = &after[..end];
             match (self.env)(name) {
+                Some(found) if found.is_empty() => self.problem(format!(
+                    "{field}: environment variable {name} is set but empty"
+                )),
                 Some(found) => out.push_str(&found),
                 None => self.problem(format!(
                     "{field}: environment variable {name} is not set (the file refers to ${{{name}}})"
@@ -387,9 +425,20 @@ impl Checker<'_> {
         out
     }
 
-    fn duration(&mut self, field: &str, value: &str) -> Duration {
+    /// A duration within `min..=max`: outside those bounds a value is a typo (`0s` polls in a
+    /// busy loop; `100000000d` overflows the calendar), so it is refused.
+    fn duration(&mut self, field: &str, value: &str, min: Duration, max: Duration) -> Duration {
         match parse_duration(value) {
-            Ok(duration) => duration,
+            Ok(duration) if (min..=max).contains(&duration) => duration,
+            Ok(duration) => {
+                self.problem(format!(
+                    "{field}: {value:?} is out of range; allowed {} to {}",
+                    describe_duration(min),
+                    describe_duration(max)
+                ));
+                // The nearest bound, so that checks between fields do not add noise.
+                duration.clamp(min, max)
+            }
             Err(reason) => {
                 self.problem(format!("{field}: {reason}"));
                 Duration::from_secs(1)
@@ -402,6 +451,20 @@ impl Checker<'_> {
             self.problem(format!("{field}: must be at least 1"));
             NonZeroU32::MIN
         })
+    }
+
+    /// An absolute http(s) URL: it is written into every email as a link.
+    fn url(&mut self, field: &str, value: &str) -> String {
+        let value = self.expand(field, value);
+        let rest = value
+            .strip_prefix("https://")
+            .or_else(|| value.strip_prefix("http://"));
+        if rest.is_none_or(|rest| rest.is_empty() || rest.contains(char::is_whitespace)) {
+            self.problem(format!(
+                "{field}: {value:?} is not an http:// or https:// URL"
+            ));
+        }
+        value
     }
 
     fn email(&mut self, field: &str, value: &str) -> String {
@@ -459,7 +522,12 @@ impl Checker<'_> {
                     port: smtp.port,
                     tls: smtp.tls,
                     credentials,
-                    timeout: self.duration("transport.smtp.timeout", &smtp.timeout),
+                    timeout: self.duration(
+                        "transport.smtp.timeout",
+                        &smtp.timeout,
+                        SECOND,
+                        MINUTE * 10,
+                    ),
                     helo_name,
                 })
             }
@@ -470,12 +538,12 @@ impl Checker<'_> {
         Brand {
             name: self.expand("brand.name", &raw.name),
             tagline: self.expand("brand.tagline", &raw.tagline),
-            website_url: self.expand("brand.website_url", &raw.website_url),
+            website_url: self.url("brand.website_url", &raw.website_url),
             portal_url: self
-                .expand("brand.portal_url", &raw.portal_url)
+                .url("brand.portal_url", &raw.portal_url)
                 .trim_end_matches('/')
                 .into(),
-            knowledge_base_url: self.expand("brand.knowledge_base_url", &raw.knowledge_base_url),
+            knowledge_base_url: self.url("brand.knowledge_base_url", &raw.knowledge_base_url),
             support_email: self.email("brand.support_email", &raw.support_email),
             mailing_address: self.expand("brand.mailing_address", &raw.mailing_address),
             sender_name: self.expand("brand.sender.name", &raw.sender.name),

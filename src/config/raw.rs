@@ -78,7 +78,7 @@ pub struct RawSmtp {
     pub password: Option<String>,
     #[serde(default = "defaults::smtp_timeout")]
     pub timeout: String,
-    /// The name this daemon gives in EHLO; defaults to the sender address's domain.
+    /// The name this daemon gives in EHLO; defaults to `localhost`.
     pub helo_name: Option<String>,
 }
 

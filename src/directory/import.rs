@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::{Contact, is_plausible_email};
 use crate::config::GROUPS;
+use crate::outbox::schema::is_disallowed_char;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,7 +57,7 @@ impl ContactEntry {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
-    #[error("cannot read directory file {path}: {source}")]
+    #[error("cannot read directory file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -104,13 +105,26 @@ impl DirectoryFile {
             if !company_ids.insert(&company.id) {
                 problems.push(format!("company {:?}: id listed twice", company.id));
             }
+            if let Some(problem) = text_problem(&company.name) {
+                problems.push(format!("company {:?}: name {problem}", company.id));
+            }
             for contact in &company.contacts {
                 let at = format!("company {:?}, contact {:?}", company.id, contact.id);
+                if contact.id.trim().is_empty() {
+                    problems.push(format!("{at}: id must not be empty"));
+                }
+                if let Some(problem) = text_problem(&contact.name) {
+                    problems.push(format!("{at}: name {problem}"));
+                }
                 if !contact_ids.insert(&contact.id) {
                     problems.push(format!("{at}: contact id listed twice"));
                 }
                 if !is_plausible_email(&contact.email) {
-                    problems.push(format!("{at}: {:?} is not an email address", contact.email));
+                    problems.push(format!(
+                        "{at}: {:?} is not an email address herald can send to \
+                         (ASCII only; internationalised addresses are not supported yet)",
+                        contact.email
+                    ));
                 }
                 for group in &contact.groups {
                     if !GROUPS.contains(&group.as_str()) {
@@ -123,5 +137,16 @@ impl DirectoryFile {
             }
         }
         problems
+    }
+}
+
+/// Why a name cannot be shown in an email, if it cannot.
+fn text_problem(name: &str) -> Option<&'static str> {
+    if name.trim().is_empty() {
+        Some("must not be empty")
+    } else if name.chars().any(is_disallowed_char) {
+        Some("must be one line of printable text (it contains a control character)")
+    } else {
+        None
     }
 }

@@ -9,7 +9,7 @@ mod recipients;
 use std::collections::BTreeSet;
 
 pub use import::{DirectoryFile, ImportError};
-pub use recipients::{Recipient, select_recipients};
+pub use recipients::{Recipient, Selection, display_name, select_recipients};
 
 /// A portal user of one company.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,8 +24,12 @@ pub struct Contact {
 }
 
 /// A cheap check that `text` can stand in an SMTP envelope as a mailbox: one `@`, a non-empty
-/// local part and domain, and nothing that could break a header or a command line.
+/// local part and domain, ASCII only (herald does not speak SMTPUTF8 yet), and nothing that
+/// could break a header or a command line.
 pub fn is_plausible_email(text: &str) -> bool {
+    if !text.is_ascii() {
+        return false;
+    }
     let Some((local, domain)) = text.rsplit_once('@') else {
         return false;
     };

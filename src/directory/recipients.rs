@@ -1,7 +1,8 @@
 //! Who receives a notification: the domain's rules, applied to one company's contacts.
 
-use super::Contact;
+use super::{Contact, is_plausible_email};
 use crate::config::RecipientRules;
+use crate::outbox::schema::is_disallowed_char;
 
 /// A contact chosen to receive one notification.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,30 +12,58 @@ pub struct Recipient {
     pub email: String,
 }
 
+/// Who was chosen, and which eligible contacts could not be, because their stored address is
+/// not one herald can send to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub recipients: Vec<Recipient>,
+    /// Ids of eligible contacts left out for an unusable address.
+    pub unusable: Vec<String>,
+}
+
 /// Every active contact whose role may subscribe and who subscribed to `group`, each address
 /// once (compared without regard to case), in the order the contacts are given.
-pub fn select_recipients(
-    contacts: &[Contact],
-    group: &str,
-    rules: &RecipientRules,
-) -> Vec<Recipient> {
-    let mut chosen: Vec<Recipient> = Vec::new();
+pub fn select_recipients(contacts: &[Contact], group: &str, rules: &RecipientRules) -> Selection {
+    let mut selection = Selection::default();
     for contact in contacts {
         let eligible = contact.active
             && rules.eligible_roles.contains(&contact.role)
             && contact.groups.contains(group);
-        let duplicate = chosen
+        if !eligible {
+            continue;
+        }
+        if !is_plausible_email(&contact.email) {
+            selection.unusable.push(contact.id.clone());
+            continue;
+        }
+        let duplicate = selection
+            .recipients
             .iter()
             .any(|r| r.email.eq_ignore_ascii_case(&contact.email));
-        if eligible && !duplicate {
-            chosen.push(Recipient {
+        if !duplicate {
+            selection.recipients.push(Recipient {
                 contact_id: contact.id.clone(),
-                name: contact.name.clone(),
+                name: display_name(&contact.name, &contact.email),
                 email: contact.email.clone(),
             });
         }
     }
-    chosen
+    selection
+}
+
+/// The name to greet and to put in `To:`: the contact's name on one line, with control and
+/// bidi-override characters removed, or the address when nothing printable is left.
+pub fn display_name(name: &str, email: &str) -> String {
+    let cleaned = name
+        .split(|c: char| c.is_whitespace() || is_disallowed_char(c))
+        .filter(|word| !word.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if cleaned.is_empty() {
+        email.to_string()
+    } else {
+        cleaned
+    }
 }
 
 #[cfg(test)]
@@ -98,7 +127,7 @@ mod tests {
             ),
         ];
         assert_eq!(
-            emails(&select_recipients(&contacts, "ordering", &rules)),
+            emails(&select_recipients(&contacts, "ordering", &rules).recipients),
             ["ok@x.example"]
         );
     }
@@ -122,7 +151,7 @@ mod tests {
                 true,
             ),
         ];
-        let chosen = select_recipients(&contacts, "ordering", &rules);
+        let chosen = select_recipients(&contacts, "ordering", &rules).recipients;
         assert_eq!(chosen.len(), 1);
         assert_eq!(chosen[0].contact_id, "eligible");
     }
@@ -137,7 +166,47 @@ mod tests {
             &["services"],
             true,
         )];
-        assert!(select_recipients(&contacts, "services", &rules).is_empty());
-        assert!(select_recipients(&[], "services", &rules).is_empty());
+        assert_eq!(
+            select_recipients(&contacts, "services", &rules),
+            Selection::default()
+        );
+        assert_eq!(
+            select_recipients(&[], "services", &rules),
+            Selection::default()
+        );
+    }
+
+    #[test]
+    fn an_unusable_address_is_reported_not_sent_to() {
+        let rules = RecipientRules::domain_defaults();
+        let contacts = [
+            contact(
+                "bad",
+                "not an address",
+                "company_admin",
+                &["ordering"],
+                true,
+            ),
+            contact(
+                "idn",
+                "josé@x.example",
+                "company_admin",
+                &["ordering"],
+                true,
+            ),
+            contact("ok", "ok@x.example", "company_admin", &["ordering"], true),
+        ];
+        let selection = select_recipients(&contacts, "ordering", &rules);
+        assert_eq!(emails(&selection.recipients), ["ok@x.example"]);
+        assert_eq!(selection.unusable, ["bad", "idn"]);
+    }
+
+    #[test]
+    fn display_names_are_one_clean_line() {
+        assert_eq!(
+            display_name("Dana\r\nBcc: x@y\u{202E}", "d@x.example"),
+            "Dana Bcc: x@y"
+        );
+        assert_eq!(display_name(" \t ", "d@x.example"), "d@x.example");
     }
 }

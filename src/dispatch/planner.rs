@@ -7,7 +7,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Settings;
 use crate::directory::select_recipients;
-use crate::outbox::OutboxEvent;
+use crate::outbox::{Audience, OutboxEvent};
 use crate::render::message::new_message_id;
 use crate::store::{NewDelivery, OutboxDecision, Store, StoreError};
 
@@ -49,9 +49,9 @@ pub async fn decide<S: Store>(
     };
     let group = &settings.recipients.groups[&spec.kind];
 
-    let mut deliveries = Vec::new();
-    let mut notes = Vec::new();
-    for &audience in &spec.audiences {
+    // Every company the payload names must be in the directory, addressed or not.
+    let mut contacts_by_audience = Vec::new();
+    for audience in Audience::ALL {
         let company_id = payload.company_id(audience);
         let Some(contacts) = store.company_contacts(company_id).await? else {
             return Ok(OutboxDecision::Failed {
@@ -60,19 +60,39 @@ pub async fn decide<S: Store>(
                 ),
             });
         };
-        let recipients = select_recipients(&contacts, group, &settings.recipients);
-        if recipients.is_empty() {
+        contacts_by_audience.push((audience, company_id, contacts));
+    }
+
+    let mut deliveries = Vec::new();
+    let mut notes = Vec::new();
+    for (audience, company_id, contacts) in contacts_by_audience {
+        if !spec.audiences.contains(&audience) {
+            continue;
+        }
+        let selection = select_recipients(&contacts, group, &settings.recipients);
+        if !selection.unusable.is_empty() {
+            notes.push(format!(
+                "{audience} contacts skipped for an unusable email address: {}",
+                selection.unusable.join(", ")
+            ));
+        }
+        if selection.recipients.is_empty() {
             notes.push(format!(
                 "no {audience} recipient: no active, eligible contact of {company_id:?} subscribes to {group:?}"
             ));
         }
-        deliveries.extend(recipients.into_iter().map(|recipient| NewDelivery {
-            audience,
-            contact_id: recipient.contact_id,
-            recipient_name: recipient.name,
-            recipient_email: recipient.email,
-            message_id: new_message_id(event.id, &settings.brand.sender_email),
-        }));
+        deliveries.extend(
+            selection
+                .recipients
+                .into_iter()
+                .map(|recipient| NewDelivery {
+                    audience,
+                    contact_id: recipient.contact_id,
+                    recipient_name: recipient.name,
+                    recipient_email: recipient.email,
+                    message_id: new_message_id(event.id, &settings.brand.sender_email),
+                }),
+        );
     }
     let note = (!notes.is_empty()).then(|| notes.join("; "));
     Ok(OutboxDecision::Dispatched { deliveries, note })

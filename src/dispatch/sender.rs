@@ -59,7 +59,9 @@ impl<S: Store> Sender<S> {
     /// The transport is checked before claiming, so while it is down nothing is claimed and no
     /// delivery is charged an attempt.
     pub async fn send_due(&mut self, shutdown: &watch::Receiver<bool>) -> Result<usize, SendError> {
-        self.transport.ready().await?;
+        if !self.ready_unless_stopping(shutdown).await? {
+            return Ok(0);
+        }
         let claimed = self
             .store
             .claim_deliveries(
@@ -101,8 +103,20 @@ impl<S: Store> Sender<S> {
         if *shutdown.borrow() || Utc::now() + self.send_budget >= delivery.lease_until {
             return Ok(false);
         }
-        self.transport.ready().await?;
-        Ok(true)
+        self.ready_unless_stopping(shutdown).await
+    }
+
+    /// Connects the transport if needed. A connection attempt (up to two timeouts against a
+    /// silent server) is abandoned at shutdown: nothing is claimed yet, so nothing is lost.
+    async fn ready_unless_stopping(
+        &mut self,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<bool, Unavailable> {
+        let mut stop = shutdown.clone();
+        tokio::select! {
+            ready = self.transport.ready() => ready.map(|()| true),
+            _ = stop.wait_for(|stop| *stop) => Ok(false),
+        }
     }
 
     /// One attempt at one delivery, recorded before returning.

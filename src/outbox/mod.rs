@@ -47,5 +47,7 @@ impl fmt::Display for Audience {
 pub struct OutboxEvent {
     pub id: i64,
     pub kind: String,
-    pub payload: String,
+    /// The payload as stored. Bytes, not text: a row that is not valid UTF-8 must fail on its
+    /// own (as malformed JSON), not stop the daemon from reading the table.
+    pub payload: Vec<u8>,
 }

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 
 use super::Audience;
@@ -24,6 +24,14 @@ const RESERVED: [&str; 6] = [
 
 /// The longest text value accepted in a payload field; longer is almost surely a producer bug.
 const MAX_TEXT_CHARS: usize = 2_000;
+
+/// The largest payload accepted, in bytes. The stores read at most one byte more, so an
+/// oversized row costs no more memory than this to refuse.
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+
+/// The years a timestamp may fall in: wide for any real order, narrow enough that date
+/// arithmetic in templates (`add_days`) cannot leave the calendar.
+const YEARS: std::ops::RangeInclusive<i32> = 1970..=2999;
 
 /// What a payload field must hold.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,6 +82,8 @@ pub enum PayloadError {
     UnknownKind(String),
     #[error("payload is not valid JSON: {0}")]
     Malformed(String),
+    #[error("payload is larger than the limit of {MAX_PAYLOAD_BYTES} bytes")]
+    TooLarge,
     #[error("payload must be a JSON object, found {0}")]
     NotAnObject(&'static str),
     #[error("payload field {field:?}: {problem}")]
@@ -182,16 +192,20 @@ impl Catalog {
         self.kinds.values()
     }
 
-    /// Checks a raw outbox payload against its kind.
+    /// Checks a raw outbox payload (UTF-8 JSON) against its kind.
     pub fn validate(
         &self,
         kind: &str,
-        payload: &str,
+        payload: impl AsRef<[u8]>,
     ) -> Result<(&NotificationSpec, Payload), PayloadError> {
         let spec = self
             .get(kind)
             .ok_or_else(|| PayloadError::UnknownKind(kind.to_string()))?;
-        let value: Value = serde_json::from_str(payload)
+        let payload = payload.as_ref();
+        if payload.len() > MAX_PAYLOAD_BYTES {
+            return Err(PayloadError::TooLarge);
+        }
+        let value: Value = serde_json::from_slice(payload)
             .map_err(|err| PayloadError::Malformed(err.to_string()))?;
         let Value::Object(object) = value else {
             return Err(PayloadError::NotAnObject(json_type(&value)));
@@ -226,7 +240,12 @@ fn field_spec(name: &str, raw: &RawField) -> Result<FieldSpec, String> {
     let ty = match type_name {
         "text" => FieldType::Text { one_of },
         "datetime" => FieldType::Datetime,
-        "integer" => FieldType::Integer { min, max },
+        "integer" => match (min, max) {
+            (Some(min), Some(max)) if min > max => {
+                return Err(format!("min ({min}) is greater than max ({max})"));
+            }
+            _ => FieldType::Integer { min, max },
+        },
         other => {
             return Err(format!(
                 "unknown type {other:?}; expected text, datetime or integer"
@@ -291,6 +310,16 @@ fn check_value(field: &str, ty: &FieldType, value: &Value) -> Result<Value, Payl
                 )
             })?;
             let utc = parsed.with_timezone(&Utc);
+            if !YEARS.contains(&utc.year()) {
+                return Err(field_error(
+                    field,
+                    format!(
+                        "{text:?} is outside the years {}-{} that herald accepts",
+                        YEARS.start(),
+                        YEARS.end()
+                    ),
+                ));
+            }
             Ok(Value::String(
                 utc.to_rfc3339_opts(SecondsFormat::Secs, true),
             ))
@@ -334,6 +363,12 @@ fn check_value(field: &str, ty: &FieldType, value: &Value) -> Result<Value, Payl
             let object = check_object(field, value)?;
             let name = check_text(&format!("{field}.name"), member(object, "name"))?;
             let email = check_text(&format!("{field}.email"), member(object, "email"))?;
+            if !crate::directory::is_plausible_email(email) {
+                return Err(field_error(
+                    &format!("{field}.email"),
+                    format!("{email:?} is not an email address"),
+                ));
+            }
             Ok(serde_json::json!({ "name": name, "email": email }))
         }
     }
@@ -350,6 +385,12 @@ fn check_object<'a>(field: &str, value: &'a Value) -> Result<&'a Map<String, Val
             format!("expected an object, found {}", json_type(value)),
         )
     })
+}
+
+/// Control characters (line breaks included) and the Unicode bidirectional overrides, which
+/// can make a name read differently from what it is.
+pub fn is_disallowed_char(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 fn check_text<'a>(field: &str, value: &'a Value) -> Result<&'a str, PayloadError> {
@@ -370,6 +411,15 @@ fn check_text<'a>(field: &str, value: &'a Value) -> Result<&'a str, PayloadError
         return Err(field_error(
             field,
             format!("is longer than {MAX_TEXT_CHARS} characters"),
+        ));
+    }
+    if let Some(bad) = text.chars().find(|&c| is_disallowed_char(c)) {
+        return Err(field_error(
+            field,
+            format!(
+                "contains the control character U+{:04X}; text values must be one line of printable text",
+                u32::from(bad)
+            ),
         ));
     }
     Ok(text)

@@ -56,10 +56,25 @@ impl fmt::Display for TemplateError {
 impl std::error::Error for TemplateError {}
 
 impl TemplateError {
-    fn from_minijinja(fallback_template: &str, err: &minijinja::Error) -> Self {
+    /// Converts a minijinja error. `source` is the text of the template the error is in, when
+    /// known: where minijinja gives no detail, the offending expression is quoted from it.
+    fn from_minijinja(
+        fallback_template: &str,
+        err: &minijinja::Error,
+        source: Option<&str>,
+    ) -> Self {
         let mut reason = err.kind().to_string();
         if let Some(detail) = err.detail() {
             reason = format!("{reason}: {detail}");
+        }
+        let quoted = err
+            .range()
+            .filter(|_| err.detail().is_none())
+            .and_then(|range| source?.get(range))
+            .map(|text| text.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|text| !text.is_empty() && text.len() <= 80);
+        if let Some(text) = quoted {
+            reason = format!("{reason} (in `{text}`)");
         }
         Self {
             template: err.name().unwrap_or(fallback_template).to_string(),
@@ -120,6 +135,20 @@ impl TemplateSet {
     /// Compiles every `.txt` and `.html` file under `dir` and checks that each configured
     /// notification has its three templates. All problems are reported together.
     pub fn load(dir: &Path, catalog: &Catalog) -> Result<Self, TemplateSetError> {
+        let (set, problems) = Self::load_all(dir, catalog);
+        if problems.is_empty() {
+            Ok(set)
+        } else {
+            Err(TemplateSetError {
+                dir: dir.to_path_buf(),
+                problems,
+            })
+        }
+    }
+
+    /// Like [`load`](Self::load), but keeps what compiled alongside the problems, so that
+    /// `herald check` can go on to render with the templates that are fine.
+    pub fn load_all(dir: &Path, catalog: &Catalog) -> (Self, Vec<TemplateError>) {
         let mut env = new_environment();
         let mut problems = Vec::new();
         let mut count = 0;
@@ -135,9 +164,11 @@ impl TemplateSet {
         files.sort();
         for (name, path) in files {
             match std::fs::read_to_string(&path) {
-                Ok(source) => match env.add_template_owned(name.clone(), source) {
+                Ok(source) => match env.add_template_owned(name.clone(), source.clone()) {
                     Ok(()) => count += 1,
-                    Err(err) => problems.push(TemplateError::from_minijinja(&name, &err)),
+                    Err(err) => {
+                        problems.push(TemplateError::from_minijinja(&name, &err, Some(&source)))
+                    }
                 },
                 Err(err) => problems.push(TemplateError {
                     template: name,
@@ -166,14 +197,7 @@ impl TemplateSet {
             }
         }
 
-        if problems.is_empty() {
-            Ok(Self { env, count })
-        } else {
-            Err(TemplateSetError {
-                dir: dir.to_path_buf(),
-                problems,
-            })
-        }
+        (Self { env, count }, problems)
     }
 
     /// How many template files were compiled.
@@ -189,10 +213,11 @@ impl TemplateSet {
         let template = self
             .env
             .get_template(name)
-            .map_err(|err| TemplateError::from_minijinja(name, &err))?;
-        template
-            .render(context)
-            .map_err(|err| TemplateError::from_minijinja(name, &err))
+            .map_err(|err| TemplateError::from_minijinja(name, &err, None))?;
+        template.render(context).map_err(|err| {
+            let failing = err.name().and_then(|n| self.env.get_template(n).ok());
+            TemplateError::from_minijinja(name, &err, failing.as_ref().map(|t| t.source()))
+        })
     }
 }
 
@@ -313,6 +338,23 @@ impl Renderer {
             text: self.templates.render(&text, &context)?,
             html: self.templates.render(&html, &context)?,
         })
+    }
+
+    /// Renders each of a notification's three templates on its own and returns every error,
+    /// not only the first: what `herald check` reports.
+    pub fn check(
+        &self,
+        kind: &str,
+        audience: Audience,
+        payload: &Payload,
+        recipient: RecipientView<'_>,
+        now: DateTime<Utc>,
+    ) -> Vec<TemplateError> {
+        let context = self.context(kind, audience, payload, recipient, now);
+        template_names(kind, audience)
+            .iter()
+            .filter_map(|name| self.templates.render(name, &context).err())
+            .collect()
     }
 
     fn context(

@@ -26,6 +26,8 @@ pub struct PreferenceIdentity {
 pub enum VerifyError {
     #[error("no preferences token found (expected ?token=... in the link)")]
     Missing,
+    #[error("the link does not point to the configured preferences page")]
+    WrongPage,
     #[error("the preferences token is malformed or truncated")]
     Malformed,
     #[error(
@@ -82,13 +84,20 @@ impl PreferenceSigner {
         )
     }
 
-    /// Checks a token, or a whole link containing `token=`, and says whose it is.
+    /// Checks a token, or a whole link containing `token=`, and says whose it is. A whole link
+    /// must point to the configured preferences page; percent-encoding in the token (which
+    /// some mail clients add) is undone first.
     pub fn verify(&self, link_or_token: &str) -> Result<PreferenceIdentity, VerifyError> {
+        let is_link = link_or_token.contains("://");
+        if is_link && !link_or_token.starts_with(&self.base_url) {
+            return Err(VerifyError::WrongPage);
+        }
         let token = match link_or_token.split_once("token=") {
             Some((_, rest)) => rest.split(['&', '#']).next().unwrap_or_default(),
-            None if link_or_token.contains("://") => return Err(VerifyError::Missing),
+            None if is_link => return Err(VerifyError::Missing),
             None => link_or_token,
         };
+        let token = percent_decode(token).ok_or(VerifyError::Malformed)?;
         let mut parts = token.split('.');
         let (Some(contact), Some(email), Some(tag), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -107,6 +116,23 @@ impl PreferenceSigner {
             .map_err(|_| VerifyError::BadSignature)?;
         Ok(PreferenceIdentity { contact_id, email })
     }
+}
+
+/// Undoes `%XX` escapes; `None` for a broken escape or a result that is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(byte);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
 }
 
 /// The MAC input: purpose, then each field with its length, so no two (id, email) pairs can
@@ -162,6 +188,19 @@ mod tests {
             signer.verify("https://portal.example/preferences"),
             Err(VerifyError::Missing)
         );
+        let elsewhere = signer
+            .link("acme-dana", "dana@acme.example")
+            .replace("https://portal.example", "https://evil.example");
+        assert_eq!(signer.verify(&elsewhere), Err(VerifyError::WrongPage));
+    }
+
+    #[test]
+    fn a_percent_encoded_token_still_verifies() {
+        let signer = signer("0123456789abcdef-secret");
+        let link = signer.link("acme-dana", "dana@acme.example");
+        let (page, token) = link.split_once("token=").unwrap();
+        let link = format!("{page}token={}", token.replace('.', "%2E"));
+        assert_eq!(signer.verify(&link).unwrap().contact_id, "acme-dana");
     }
 
     #[test]

@@ -17,14 +17,28 @@ pub use time::{format_timestamp, parse_timestamp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open database {url}: {source}")]
+    #[error("cannot open database {url}")]
     Connect { url: String, source: sqlx::Error },
+    // These two print their cause in the message (log lines show only the message), so they
+    // do not also report it as a `source`, which would print it twice.
     #[error("database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     #[error("database holds a value herald cannot read: {0}")]
     Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        Self::Database(err)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(err: sqlx::migrate::MigrateError) -> Self {
+        Self::Migrate(err)
+    }
 }
 
 /// A delivery to create when an outbox row is expanded.
@@ -62,7 +76,8 @@ pub struct ClaimedDelivery {
     /// Attempts made before this one.
     pub attempts: u32,
     pub message_id: String,
-    pub payload: String,
+    /// The outbox row's payload as stored (see [`OutboxEvent::payload`]).
+    pub payload: Vec<u8>,
     pub lease_until: DateTime<Utc>,
 }
 

@@ -14,7 +14,12 @@ use super::{
     format_timestamp, parse_timestamp,
 };
 use crate::directory::{Contact, DirectoryFile};
+use crate::outbox::schema::MAX_PAYLOAD_BYTES;
 use crate::outbox::{Audience, OutboxEvent};
+
+/// Payloads are read up to one byte past the limit: enough to refuse an oversized one without
+/// loading all of it.
+const PAYLOAD_READ_LIMIT: i64 = MAX_PAYLOAD_BYTES as i64 + 1;
 
 /// How long a writer waits for another connection's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,13 +32,22 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database at a `sqlite://PATH` URL.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::open(url, true).await
+    }
+
+    /// Opens the database at a `sqlite://PATH` URL, failing if the file does not exist.
+    pub async fn connect_existing(url: &str) -> Result<Self, StoreError> {
+        Self::open(url, false).await
+    }
+
+    async fn open(url: &str, create: bool) -> Result<Self, StoreError> {
         let connect_error = |source| StoreError::Connect {
             url: url.to_string(),
             source,
         };
         let options = SqliteConnectOptions::from_str(url)
             .map_err(connect_error)?
-            .create_if_missing(true)
+            .create_if_missing(create)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
@@ -42,7 +56,7 @@ impl SqliteStore {
             .get_filename()
             .parent()
             .map(std::path::Path::to_path_buf);
-        if let Some(folder) = folder.filter(|f| !f.as_os_str().is_empty()) {
+        if let Some(folder) = folder.filter(|f| create && !f.as_os_str().is_empty()) {
             std::fs::create_dir_all(&folder).map_err(|err| connect_error(sqlx::Error::Io(err)))?;
         }
         let pool = SqlitePoolOptions::new()
@@ -57,6 +71,13 @@ impl SqliteStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
+}
+
+/// Text as stored, even if it is not valid UTF-8 (SQLite does not check): a bad byte must not
+/// make a whole table unreadable. Callers validate what they read.
+fn lossy(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes)
+        .unwrap_or_else(|err| String::from_utf8_lossy(err.as_bytes()).into_owned())
 }
 
 fn parse_audience(text: &str) -> Result<Audience, StoreError> {
@@ -172,48 +193,64 @@ impl Store for SqliteStore {
         if known.is_none() {
             return Ok(None);
         }
-        let rows = sqlx::query(
-            "SELECT c.id, c.name, c.email, c.role, c.active,
-                    json_group_array(g.group_name) FILTER (WHERE g.group_name IS NOT NULL)
-             FROM herald_contacts c
-             LEFT JOIN herald_contact_groups g ON g.contact_id = c.id
-             WHERE c.company_id = $1
-             GROUP BY c.id
-             ORDER BY c.id",
+        // Text is read as bytes and the flag as a comparison, so that one badly written
+        // contact (invalid UTF-8, `active = 'yes'`) cannot make the company unreadable;
+        // recipient selection then judges each contact on its own.
+        let rows: Vec<(Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, bool)> = sqlx::query_as(
+            "SELECT CAST(id AS BLOB), CAST(name AS BLOB), CAST(email AS BLOB),
+                    CAST(role AS BLOB), active IS 1
+             FROM herald_contacts WHERE company_id = $1 ORDER BY id",
         )
         .bind(company_id)
         .fetch_all(&self.pool)
         .await?;
-        let mut contacts = Vec::with_capacity(rows.len());
-        for row in rows {
-            let groups: String = row.try_get(5)?;
-            let groups = serde_json::from_str(&groups)
-                .map_err(|err| StoreError::Corrupt(format!("contact groups {groups:?}: {err}")))?;
-            contacts.push(Contact {
-                id: row.try_get(0)?,
-                name: row.try_get(1)?,
-                email: row.try_get(2)?,
-                role: row.try_get(3)?,
-                active: row.try_get(4)?,
-                groups,
-            });
+        let memberships: Vec<(Vec<u8>, Vec<u8>)> = sqlx::query_as(
+            "SELECT CAST(g.contact_id AS BLOB), CAST(g.group_name AS BLOB)
+             FROM herald_contact_groups g JOIN herald_contacts c ON c.id = g.contact_id
+             WHERE c.company_id = $1",
+        )
+        .bind(company_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut contacts: Vec<Contact> = rows
+            .into_iter()
+            .map(|(id, name, email, role, active)| Contact {
+                id: lossy(id),
+                name: lossy(name),
+                email: lossy(email),
+                role: lossy(role),
+                active,
+                groups: Default::default(),
+            })
+            .collect();
+        let index: std::collections::HashMap<String, usize> = contacts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id.clone(), i))
+            .collect();
+        for (contact_id, group) in memberships {
+            if let Some(&i) = index.get(&lossy(contact_id)) {
+                contacts[i].groups.insert(lossy(group));
+            }
         }
         Ok(Some(contacts))
     }
 
     async fn pending_outbox(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, kind, payload FROM herald_outbox WHERE state = 'pending'
+            "SELECT id, CAST(kind AS BLOB), substr(CAST(payload AS BLOB), 1, $2)
+             FROM herald_outbox WHERE state = 'pending'
              ORDER BY id LIMIT $1",
         )
         .bind(limit)
+        .bind(PAYLOAD_READ_LIMIT)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
             .map(|row| {
                 Ok(OutboxEvent {
                     id: row.try_get(0)?,
-                    kind: row.try_get(1)?,
+                    kind: lossy(row.try_get(1)?),
                     payload: row.try_get(2)?,
                 })
             })
@@ -294,12 +331,14 @@ impl Store for SqliteStore {
                 LIMIT $4)
              RETURNING id, outbox_id, kind, audience, contact_id, recipient_name,
                 recipient_email, attempts, message_id,
-                (SELECT payload FROM herald_outbox o WHERE o.id = outbox_id)",
+                (SELECT substr(CAST(payload AS BLOB), 1, $5) FROM herald_outbox o
+                 WHERE o.id = outbox_id)",
         )
         .bind(owner)
         .bind(format_timestamp(lease_until))
         .bind(format_timestamp(now))
         .bind(limit)
+        .bind(PAYLOAD_READ_LIMIT)
         .fetch_all(&self.pool)
         .await?;
         let mut claimed = rows
@@ -431,7 +470,7 @@ impl Store for SqliteStore {
                 SELECT 'delivery ' || id || ' to ' || recipient_email || ' (outbox ' || outbox_id || ')',
                        last_error, updated_at
                 FROM herald_deliveries WHERE state = 'dead')
-             ORDER BY at DESC LIMIT 10",
+             ORDER BY at DESC, what DESC LIMIT 10",
         )
         .fetch_all(&self.pool)
         .await?;

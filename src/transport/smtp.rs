@@ -82,10 +82,22 @@ impl SmtpTransport {
                     .map(|client| Connection::Tls(Box::new(client))),
             }
         };
-        match tokio::time::timeout(handshake, connecting).await {
-            Ok(connection) => connection.map_err(unavailable),
-            Err(_) => Err(unavailable(mail_send::Error::Timeout)),
+        let connection = match tokio::time::timeout(handshake, connecting).await {
+            Ok(connection) => connection.map_err(unavailable)?,
+            Err(_) => return Err(unavailable(mail_send::Error::Timeout)),
+        };
+
+        // mail-send writes the message body and the final "." in separate writes; with
+        // Nagle's algorithm the second waits for the server's delayed ACK (about 40 ms), which
+        // would stall every message and widen the window in which a crash causes a resend.
+        let socket = match &connection {
+            Connection::Plain(client) => &client.stream,
+            Connection::Tls(client) => client.stream.get_ref().0,
+        };
+        if let Err(err) = socket.set_nodelay(true) {
+            tracing::debug!(error = %err, "cannot set TCP_NODELAY on the SMTP connection");
         }
+        Ok(connection)
     }
 
     pub async fn send(&mut self, message: Outgoing<'_>) -> Outcome {
