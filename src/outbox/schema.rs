@@ -499,7 +499,7 @@ mod tests {
             ("null", "required but missing"),
         ] {
             let err = catalog
-                .validate("k", &format!("{SAMPLE}, \"n\": {value}}}"))
+                .validate("k", format!("{SAMPLE}, \"n\": {value}}}"))
                 .unwrap_err();
             assert!(err.to_string().contains(words), "{value}: {err}");
         }

@@ -73,6 +73,9 @@ impl SqliteStore {
     }
 }
 
+/// A contact row as read: id, name, email and role as raw bytes, and whether it is active.
+type StoredContact = (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, bool);
+
 /// Text as stored, even if it is not valid UTF-8 (SQLite does not check): a bad byte must not
 /// make a whole table unreadable. Callers validate what they read.
 fn lossy(bytes: Vec<u8>) -> String {
@@ -196,7 +199,7 @@ impl Store for SqliteStore {
         // Text is read as bytes and the flag as a comparison, so that one badly written
         // contact (invalid UTF-8, `active = 'yes'`) cannot make the company unreadable;
         // recipient selection then judges each contact on its own.
-        let rows: Vec<(Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, bool)> = sqlx::query_as(
+        let rows: Vec<StoredContact> = sqlx::query_as(
             "SELECT CAST(id AS BLOB), CAST(name AS BLOB), CAST(email AS BLOB),
                     CAST(role AS BLOB), active IS 1
              FROM herald_contacts WHERE company_id = $1 ORDER BY id",
