@@ -51,7 +51,7 @@ impl Fixture {
         edit(&mut value);
         self.settings
             .catalog
-            .validate(kind, &value.to_string())
+            .validate(kind, value.to_string())
             .unwrap()
             .1
     }
