@@ -17,8 +17,7 @@ use crate::directory::DirectoryFile;
 use crate::dispatch::Dispatcher;
 use crate::outbox::Audience;
 use crate::render::{PreferenceSigner, RecipientView, Renderer, TemplateSet};
-use crate::store::Store;
-use crate::store::sqlite::SqliteStore;
+use crate::store::{Database, Store};
 use crate::telemetry;
 
 #[derive(Debug, Parser)]
@@ -191,17 +190,17 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// Opens the database (creating it if needed) and brings its tables up to date.
-async fn open_store(settings: &Settings) -> Result<SqliteStore> {
-    let store = SqliteStore::connect(&settings.database.url).await?;
+/// Opens the database (creating a SQLite file if needed) and brings its tables up to date.
+async fn open_store(settings: &Settings) -> Result<Database> {
+    let store = Database::connect(&settings.database.url, true).await?;
     store.migrate().await?;
     Ok(store)
 }
 
 /// Opens a database that must already exist: a reporting command pointed at a mistyped path
 /// says so instead of creating an empty database and reporting that all is quiet.
-async fn open_existing_store(settings: &Settings) -> Result<SqliteStore> {
-    let store = SqliteStore::connect_existing(&settings.database.url).await?;
+async fn open_existing_store(settings: &Settings) -> Result<Database> {
+    let store = Database::connect(&settings.database.url, false).await?;
     store.migrate().await?;
     Ok(store)
 }
@@ -217,7 +216,7 @@ async fn run_daemon(settings: Settings, drain: bool) -> Result<ExitCode> {
     let store = open_store(&settings).await?;
     info!(
         config = %settings.source.display(),
-        database = %settings.database.url,
+        database = %crate::store::redact_url(&settings.database.url),
         transport = %settings.transport.describe(),
         templates = renderer.templates().len(),
         kinds = settings.catalog.kinds().count(),

@@ -18,7 +18,9 @@ CREATE TABLE herald_outbox (
                     CHECK (state IN ('pending', 'dispatched', 'failed')),
     processed_at    TEXT,
     recipients      INTEGER,
-    reason          TEXT
+    reason          TEXT,
+    -- Set while a daemon expands the row, so that daemons do not expand the same rows.
+    lease_until     TEXT
 ) STRICT;
 
 CREATE INDEX herald_outbox_pending ON herald_outbox (id) WHERE state = 'pending';
@@ -76,6 +78,13 @@ CREATE TABLE herald_contact_groups (
     contact_id TEXT NOT NULL REFERENCES herald_contacts (id) ON DELETE CASCADE,
     group_name TEXT NOT NULL,
     PRIMARY KEY (contact_id, group_name)
+) STRICT;
+
+-- The daemons sharing this database, each refreshing its row; the global rate limit is
+-- divided among those seen recently.
+CREATE TABLE herald_daemons (
+    owner        TEXT PRIMARY KEY,
+    heartbeat_at TEXT NOT NULL
 ) STRICT;
 
 -- Per outbox row, the whole story: pending, done or failed, and why.

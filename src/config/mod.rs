@@ -231,9 +231,9 @@ impl Settings {
                 HOUR,
             ),
         };
-        if !database.url.starts_with("sqlite:") {
+        if !crate::store::is_supported_url(&database.url) {
             check.problem(format!(
-                "database.url: {:?} is not supported; use sqlite://PATH",
+                "database.url: {:?} is not supported; use sqlite://PATH or postgres://USER@HOST/DB",
                 raw.database.url
             ));
         }

@@ -7,6 +7,7 @@ pub mod planner;
 pub mod retry;
 pub mod sender;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,11 @@ pub use sender::{SendError, Sender};
 const FIRST_PAUSE: Duration = Duration::from_millis(500);
 const MAX_PAUSE: Duration = Duration::from_secs(60);
 
+/// How often a daemon announces itself; a daemon unheard of for three periods no longer
+/// counts towards the division of the global rate limit.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const LIVE_WITHIN: Duration = Duration::from_secs(15);
+
 /// What one drain did: outbox rows expanded and delivery attempts made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrainSummary {
@@ -30,20 +36,23 @@ pub struct DrainSummary {
     pub attempted: usize,
 }
 
-/// The dispatcher: one store, one renderer, one sender.
+/// The dispatcher: one store, one renderer, one sender, under one lease owner name.
 pub struct Dispatcher<S> {
     store: S,
     settings: Arc<Settings>,
     sender: Sender<S>,
+    owner: String,
 }
 
 impl<S: Store> Dispatcher<S> {
     pub fn new(store: S, settings: Arc<Settings>, renderer: Arc<Renderer>) -> Self {
-        let sender = Sender::new(store.clone(), settings.clone(), renderer, lease_owner());
+        let owner = lease_owner();
+        let sender = Sender::new(store.clone(), settings.clone(), renderer, owner.clone());
         Self {
             store,
             settings,
             sender,
+            owner,
         }
     }
 
@@ -53,18 +62,23 @@ impl<S: Store> Dispatcher<S> {
         mut self,
         shutdown: watch::Receiver<bool>,
     ) -> Result<DrainSummary, SendError> {
+        let daemons = self
+            .store
+            .heartbeat(&self.owner, Utc::now(), LIVE_WITHIN)
+            .await?;
+        self.sender.share_rate_with(daemons);
         let mut summary = DrainSummary {
             planned: 0,
             attempted: 0,
         };
-        loop {
+        let outcome = loop {
             let mut planned = 0;
             while !*shutdown.borrow() {
-                let decided = planner::plan_pending(&self.store, &self.settings).await?;
-                if decided == 0 {
-                    break;
+                match planner::plan_pending(&self.store, &self.settings).await {
+                    Ok(0) => break,
+                    Ok(decided) => planned += decided,
+                    Err(err) => return Err(err.into()),
                 }
-                planned += decided;
             }
             let due = self
                 .store
@@ -72,40 +86,62 @@ impl<S: Store> Dispatcher<S> {
                 .await?
                 .is_some_and(|at| at <= Utc::now());
             let attempted = if due && !*shutdown.borrow() {
-                self.sender.send_due(&shutdown).await?
+                match self.sender.send_due(&shutdown).await {
+                    Ok(attempted) => attempted,
+                    Err(err) => break Err(err),
+                }
             } else {
                 0
             };
             summary.planned += planned;
             summary.attempted += attempted;
             if (planned == 0 && attempted == 0) || *shutdown.borrow() {
-                break;
+                break Ok(summary);
             }
-        }
+        };
         self.sender.close().await;
-        Ok(summary)
+        drop(self.store.retire(&self.owner).await);
+        outcome
     }
 
-    /// Runs until `shutdown` turns true: planning and sending as two tasks, each waking on
-    /// new work or every poll interval. Errors are logged and retried with backoff; this only
-    /// returns at shutdown, after in-flight sends are recorded and unsent claims released.
+    /// Runs until `shutdown` turns true: planning and sending as two tasks, plus a heartbeat
+    /// that shares the rate limit with the other daemons on the database. Planning wakes on
+    /// an insert (where the backend can say so) or every poll interval; sending wakes when
+    /// planning made deliveries or a retry comes due. Errors are logged and retried with
+    /// backoff; this only returns at shutdown, after in-flight sends are recorded and unsent
+    /// claims released.
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
         let Self {
             store,
             settings,
             mut sender,
+            owner,
         } = self;
         let planned = Arc::new(Notify::new());
         let poll = settings.database.poll_interval;
+        let (daemons_tx, mut daemons) = watch::channel(1);
 
-        let planning = {
-            let (store, settings, planned, mut shutdown) = (
-                store.clone(),
-                settings.clone(),
-                planned.clone(),
-                shutdown.clone(),
-            );
-            tokio::spawn(async move {
+        let heartbeat = spawn_until(shutdown.clone(), {
+            let (store, owner) = (store.clone(), owner.clone());
+            move |shutdown| async move {
+                while !*shutdown.borrow() {
+                    match store.heartbeat(&owner, Utc::now(), LIVE_WITHIN).await {
+                        Ok(live) => {
+                            daemons_tx.send_if_modified(|current| {
+                                std::mem::replace(current, live) != live
+                            });
+                        }
+                        Err(err) => warn!(error = %err, "cannot record this daemon's heartbeat"),
+                    }
+                    sleep_unless_stopping(HEARTBEAT, &shutdown).await;
+                }
+            }
+        });
+
+        let planning = spawn_until(shutdown.clone(), {
+            let (store, settings, planned) = (store.clone(), settings.clone(), planned.clone());
+            let inserted = store.outbox_wakeups();
+            move |shutdown| async move {
                 let mut pause = FIRST_PAUSE;
                 while !*shutdown.borrow() {
                     let wait = match planner::plan_pending(&store, &settings).await {
@@ -120,17 +156,27 @@ impl<S: Store> Dispatcher<S> {
                             next_pause(&mut pause)
                         }
                     };
+                    let mut stop = shutdown.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.wait_for(|stop| *stop) => {}
+                        _ = notified(inserted.as_deref()) => {}
+                        _ = stop.wait_for(|stop| *stop) => {}
                     }
                 }
-            })
-        };
+            }
+        });
 
         let mut pause = FIRST_PAUSE;
-        let mut shutdown_signal = shutdown.clone();
+        let mut stop = shutdown.clone();
         while !*shutdown.borrow() {
+            if daemons.has_changed().unwrap_or(false) {
+                let live = *daemons.borrow_and_update();
+                info!(
+                    daemons = live,
+                    "sharing the rate limit with the daemons on this database"
+                );
+                sender.share_rate_with(live);
+            }
             let wait = match sender.send_due(&shutdown).await {
                 Ok(0) => {
                     pause = FIRST_PAUSE;
@@ -152,14 +198,44 @@ impl<S: Store> Dispatcher<S> {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = planned.notified() => {}
-                _ = shutdown_signal.wait_for(|stop| *stop) => {}
+                _ = stop.wait_for(|stop| *stop) => {}
             }
         }
         sender.close().await;
-        if let Err(err) = planning.await {
-            error!(error = %err, "planning task ended abnormally");
+        for task in [planning, heartbeat] {
+            if let Err(err) = task.await {
+                error!(error = %err, "a background task ended abnormally");
+            }
+        }
+        if let Err(err) = store.retire(&owner).await {
+            warn!(error = %err, "cannot remove this daemon from the live daemons; it ages out");
         }
         info!("stopped: in-flight sends recorded, unsent claims released");
+    }
+}
+
+/// Spawns a task that is handed the shutdown signal.
+fn spawn_until<F, Fut>(shutdown: watch::Receiver<bool>, task: F) -> tokio::task::JoinHandle<()>
+where
+    F: FnOnce(watch::Receiver<bool>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(task(shutdown))
+}
+
+async fn sleep_unless_stopping(wait: Duration, shutdown: &watch::Receiver<bool>) {
+    let mut stop = shutdown.clone();
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {}
+        _ = stop.wait_for(|stop| *stop) => {}
+    }
+}
+
+/// Waits for the signal, or forever when there is none (the poll then wakes the caller).
+async fn notified(signal: Option<&Notify>) {
+    match signal {
+        Some(signal) => signal.notified().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -2,6 +2,8 @@
 //! in the directory and picks its recipients. A bad row is marked failed with its reason and
 //! never holds up the others.
 
+use std::time::Duration;
+
 use chrono::Utc;
 use tracing::{error, info, warn};
 
@@ -11,13 +13,19 @@ use crate::outbox::{Audience, OutboxEvent};
 use crate::render::message::new_message_id;
 use crate::store::{NewDelivery, OutboxDecision, Store, StoreError};
 
-/// How many outbox rows one planning pass reads.
+/// How many outbox rows one planning pass claims.
 const PLAN_BATCH: u32 = 100;
+
+/// How long a planning claim holds its rows: far longer than a batch takes, and short enough
+/// that the rows of a daemon that died while planning are soon expanded by another.
+const PLAN_LEASE: Duration = Duration::from_secs(60);
 
 /// Expands pending outbox rows until none is left or `PLAN_BATCH` rows were handled; returns
 /// how many rows were decided by this daemon.
 pub async fn plan_pending<S: Store>(store: &S, settings: &Settings) -> Result<usize, StoreError> {
-    let events = store.pending_outbox(PLAN_BATCH).await?;
+    let events = store
+        .claim_outbox(PLAN_BATCH, PLAN_LEASE, Utc::now())
+        .await?;
     let mut decided = 0;
     for event in &events {
         let decision = decide(store, settings, event).await?;

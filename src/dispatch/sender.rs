@@ -1,6 +1,7 @@
 //! Sends due deliveries: claim a batch under a lease, then for each one render, wait for the
 //! rate limiter, hand it to the transport and record the outcome before taking the next.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::retry::RetryPolicy;
-use crate::config::Settings;
+use crate::config::{RateLimitSettings, Settings};
 use crate::render::message::{Envelope, build_message};
 use crate::render::{RecipientView, Renderer};
 use crate::store::{AttemptRecord, ClaimedDelivery, Store, StoreError};
@@ -31,6 +32,8 @@ pub struct Sender<S> {
     renderer: Arc<Renderer>,
     transport: Transport,
     limiter: DefaultDirectRateLimiter,
+    /// How many daemons the configured rate is divided among (this one included).
+    sharing_with: u32,
     retry: RetryPolicy,
     /// This daemon's name on the leases it takes.
     owner: String,
@@ -40,18 +43,27 @@ pub struct Sender<S> {
 
 impl<S: Store> Sender<S> {
     pub fn new(store: S, settings: Arc<Settings>, renderer: Arc<Renderer>, owner: String) -> Self {
-        let quota = Quota::per_second(settings.rate_limit.per_second)
-            .allow_burst(settings.rate_limit.burst);
         let send_budget = settings.transport.send_budget();
         Self {
             store,
             transport: Transport::from_settings(&settings.transport),
             retry: RetryPolicy::new(settings.retry),
-            limiter: RateLimiter::direct(quota),
+            limiter: RateLimiter::direct(share_of(&settings.rate_limit, 1)),
+            sharing_with: 1,
             settings,
             renderer,
             owner,
             send_budget,
+        }
+    }
+
+    /// Divides the configured rate among `daemons` daemons (this one included), so that the
+    /// rate limit holds for all of them together.
+    pub fn share_rate_with(&mut self, daemons: u32) {
+        let daemons = daemons.max(1);
+        if daemons != self.sharing_with {
+            self.sharing_with = daemons;
+            self.limiter = RateLimiter::direct(share_of(&self.settings.rate_limit, daemons));
         }
     }
 
@@ -201,6 +213,16 @@ impl<S: Store> Sender<S> {
     pub async fn close(&mut self) {
         self.transport.close().await;
     }
+}
+
+/// One daemon's share of the global rate: `per_second / daemons` (one message every
+/// `daemons / per_second` seconds) and `burst / daemons`, at least one.
+fn share_of(rate: &RateLimitSettings, daemons: u32) -> Quota {
+    let period = Duration::from_secs_f64(f64::from(daemons) / f64::from(rate.per_second.get()));
+    let burst = NonZeroU32::new(rate.burst.get() / daemons).unwrap_or(NonZeroU32::MIN);
+    Quota::with_period(period.max(Duration::from_nanos(1)))
+        .expect("a positive period")
+        .allow_burst(burst)
 }
 
 fn log_attempt(

@@ -1,18 +1,25 @@
 //! Storage: the outbox, the deliveries and the directory, behind one seam ([`Store`]) so that
 //! the dispatch code does not know which database it runs on. [`sqlite`] is the embedded
-//! default.
+//! default, [`postgres`] the production backend; [`Database`] is whichever the configured URL
+//! names.
 
+mod any;
+pub mod postgres;
 pub mod sqlite;
 mod time;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use chrono::{DateTime, Utc};
 
 use crate::directory::{Contact, DirectoryFile};
 use crate::outbox::{Audience, OutboxEvent};
 
+pub use any::{Database, is_supported_url};
 pub use time::{format_timestamp, parse_timestamp};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +34,17 @@ pub enum StoreError {
     Database(sqlx::Error),
     #[error("database holds a value herald cannot read: {0}")]
     Corrupt(String),
+}
+
+/// A database URL without its password, for logs and messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => match url[scheme + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -148,10 +166,14 @@ pub trait Store: Clone + Send + Sync + 'static {
         company_id: &str,
     ) -> impl Future<Output = Result<Option<Vec<Contact>>, StoreError>> + Send;
 
-    /// The oldest outbox rows not yet expanded.
-    fn pending_outbox(
+    /// Leases up to `limit` of the oldest outbox rows not yet expanded, so that several
+    /// daemons expand different rows. The lease ends when the row's decision is recorded, or
+    /// after `lease` if the daemon dies first.
+    fn claim_outbox(
         &self,
         limit: u32,
+        lease: Duration,
+        now: DateTime<Utc>,
     ) -> impl Future<Output = Result<Vec<OutboxEvent>, StoreError>> + Send;
 
     /// Records the expansion of a pending outbox row in one transaction. Returns false, and
@@ -195,4 +217,20 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn next_due(&self) -> impl Future<Output = Result<Option<DateTime<Utc>>, StoreError>> + Send;
 
     fn status(&self) -> impl Future<Output = Result<StatusReport, StoreError>> + Send;
+
+    /// Records that `owner` is alive and returns how many daemons (itself included) were seen
+    /// within `live_within`: the global rate limit is divided by that number.
+    fn heartbeat(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        live_within: Duration,
+    ) -> impl Future<Output = Result<u32, StoreError>> + Send;
+
+    /// Removes `owner` from the live daemons (clean shutdown).
+    fn retire(&self, owner: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// A signal raised when rows are inserted into the outbox, for backends that can push
+    /// (PostgreSQL's LISTEN/NOTIFY); `None` where the daemon must poll.
+    fn outbox_wakeups(&self) -> Option<Arc<Notify>>;
 }

@@ -3,11 +3,13 @@
 //! on upgrade), and claims are single `UPDATE … RETURNING` statements.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
+use tokio::sync::Notify;
 
 use super::{
     AttemptRecord, ClaimedDelivery, ImportSummary, OutboxDecision, StatusReport, Store, StoreError,
@@ -239,25 +241,36 @@ impl Store for SqliteStore {
         Ok(Some(contacts))
     }
 
-    async fn pending_outbox(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, CAST(kind AS BLOB), substr(CAST(payload AS BLOB), 1, $2)
-             FROM herald_outbox WHERE state = 'pending'
-             ORDER BY id LIMIT $1",
+    async fn claim_outbox(
+        &self,
+        limit: u32,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+            "UPDATE herald_outbox SET lease_until = $2
+             WHERE id IN (
+                SELECT id FROM herald_outbox
+                WHERE state = 'pending' AND (lease_until IS NULL OR lease_until <= $1)
+                ORDER BY id LIMIT $3)
+             RETURNING id, CAST(kind AS BLOB), substr(CAST(payload AS BLOB), 1, $4)",
         )
+        .bind(format_timestamp(now))
+        .bind(format_timestamp(now + lease))
         .bind(limit)
         .bind(PAYLOAD_READ_LIMIT)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(OutboxEvent {
-                    id: row.try_get(0)?,
-                    kind: lossy(row.try_get(1)?),
-                    payload: row.try_get(2)?,
-                })
+        let mut events: Vec<OutboxEvent> = rows
+            .into_iter()
+            .map(|(id, kind, payload)| OutboxEvent {
+                id,
+                kind: lossy(kind),
+                payload,
             })
-            .collect()
+            .collect();
+        events.sort_by_key(|event| event.id);
+        Ok(events)
     }
 
     async fn record_decision(
@@ -275,7 +288,8 @@ impl Store for SqliteStore {
             OutboxDecision::Failed { reason } => ("failed", None, Some(reason.as_str())),
         };
         let updated = sqlx::query(
-            "UPDATE herald_outbox SET state = $1, processed_at = $2, recipients = $3, reason = $4
+            "UPDATE herald_outbox
+             SET state = $1, processed_at = $2, recipients = $3, reason = $4, lease_until = NULL
              WHERE id = $5 AND state = 'pending'",
         )
         .bind(state)
@@ -483,5 +497,46 @@ impl Store for SqliteStore {
             oldest_pending: oldest.as_deref().map(parse_timestamp).transpose()?,
             recent_failures,
         })
+    }
+
+    async fn heartbeat(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        live_within: Duration,
+    ) -> Result<u32, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "INSERT INTO herald_daemons (owner, heartbeat_at) VALUES ($1, $2)
+             ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(owner)
+        .bind(format_timestamp(now))
+        .execute(&mut *tx)
+        .await?;
+        // Rows of daemons that died without retiring are forgotten after a while.
+        sqlx::query("DELETE FROM herald_daemons WHERE heartbeat_at < $1")
+            .bind(format_timestamp(now - live_within * 10))
+            .execute(&mut *tx)
+            .await?;
+        let live: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM herald_daemons WHERE heartbeat_at >= $1")
+                .bind(format_timestamp(now - live_within))
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(u32::try_from(live).unwrap_or(u32::MAX).max(1))
+    }
+
+    async fn retire(&self, owner: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM herald_daemons WHERE owner = $1")
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    fn outbox_wakeups(&self) -> Option<Arc<Notify>> {
+        None
     }
 }

@@ -1,0 +1,578 @@
+//! The production backend: PostgreSQL. Claims are `FOR UPDATE SKIP LOCKED` with a lease, so
+//! several daemons share one outbox without ever holding the same row, and a dead daemon's
+//! work is taken over when its lease runs out. Lease times use the database's clock, so the
+//! daemons' own clocks need not agree. Inserts into the outbox wake idle daemons through
+//! LISTEN/NOTIFY.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use super::{
+    AttemptRecord, ClaimedDelivery, ImportSummary, OutboxDecision, StatusReport, Store, StoreError,
+    redact_url,
+};
+use crate::directory::{Contact, DirectoryFile};
+use crate::outbox::schema::MAX_PAYLOAD_BYTES;
+use crate::outbox::{Audience, OutboxEvent};
+
+/// The channel the outbox trigger notifies (see `migrations/postgres`).
+const CHANNEL: &str = "herald_outbox";
+
+/// Payloads are read up to one byte past the limit (see the SQLite backend).
+const PAYLOAD_READ_LIMIT: i32 = MAX_PAYLOAD_BYTES as i32 + 1;
+
+/// How long to wait for a free connection before reporting the database as unavailable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    wakeups: Arc<Notify>,
+    listening: Arc<OnceLock<()>>,
+}
+
+impl PgStore {
+    /// Connects to a `postgres://` URL.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect(url)
+            .await
+            .map_err(|source| StoreError::Connect {
+                url: redact_url(url),
+                source,
+            })?;
+        Ok(Self {
+            pool,
+            wakeups: Arc::new(Notify::new()),
+            listening: Arc::new(OnceLock::new()),
+        })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Listens on the outbox channel for as long as the process runs. After a lost
+    /// connection it reconnects with backoff and raises the signal once, since notifications
+    /// sent meanwhile are lost: the planner then catches up by reading the table.
+    fn spawn_listener(&self) {
+        let (pool, wakeups) = (self.pool.clone(), self.wakeups.clone());
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(200);
+            loop {
+                let listening = async {
+                    let mut listener = PgListener::connect_with(&pool).await?;
+                    listener.listen(CHANNEL).await?;
+                    wakeups.notify_one();
+                    Ok::<_, sqlx::Error>(listener)
+                };
+                let mut listener = match listening.await {
+                    Ok(listener) => listener,
+                    Err(err) => {
+                        warn!(error = %err, retry_in = ?pause, "cannot LISTEN for new outbox rows; polling meanwhile");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                };
+                pause = Duration::from_millis(200);
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(_)) => wakeups.notify_one(),
+                        // The connection dropped: reconnect, and catch up with what came in.
+                        Ok(None) => {
+                            info!("LISTEN connection lost; reconnecting");
+                            wakeups.notify_one();
+                        }
+                        Err(err) => {
+                            warn!(error = %err, "LISTEN connection failed; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn seconds(duration: Duration) -> f64 {
+    duration.as_secs_f64()
+}
+
+fn parse_audience(text: &str) -> Result<Audience, StoreError> {
+    Audience::parse(text).ok_or_else(|| StoreError::Corrupt(format!("audience {text:?}")))
+}
+
+type ClaimedRow = (
+    i64,
+    i64,
+    String,
+    String,
+    String,
+    String,
+    String,
+    i32,
+    String,
+    Vec<u8>,
+);
+
+impl Store for PgStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn enqueue(
+        &self,
+        kind: &str,
+        payload: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO herald_outbox (kind, payload, idempotency_key) VALUES ($1, $2, $3)
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+        )
+        .bind(kind)
+        .bind(payload)
+        .bind(idempotency_key)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn replace_directory(&self, file: &DirectoryFile) -> Result<ImportSummary, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut summary = ImportSummary::default();
+        let mut company_ids = Vec::new();
+        let mut contact_ids = Vec::new();
+
+        for company in &file.companies {
+            sqlx::query(
+                "INSERT INTO herald_companies (id, name, updated_at) VALUES ($1, $2, now())
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, updated_at = now()",
+            )
+            .bind(&company.id)
+            .bind(&company.name)
+            .execute(&mut *tx)
+            .await?;
+            company_ids.push(company.id.clone());
+            summary.companies += 1;
+
+            for contact in &company.contacts {
+                sqlx::query(
+                    "INSERT INTO herald_contacts (id, company_id, name, email, role, active, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, now())
+                     ON CONFLICT (id) DO UPDATE SET company_id = excluded.company_id,
+                        name = excluded.name, email = excluded.email, role = excluded.role,
+                        active = excluded.active, updated_at = now()",
+                )
+                .bind(&contact.id)
+                .bind(&company.id)
+                .bind(&contact.name)
+                .bind(&contact.email)
+                .bind(&contact.role)
+                .bind(contact.active)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("DELETE FROM herald_contact_groups WHERE contact_id = $1")
+                    .bind(&contact.id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO herald_contact_groups (contact_id, group_name)
+                     SELECT $1, g FROM unnest($2::text[]) AS g ON CONFLICT DO NOTHING",
+                )
+                .bind(&contact.id)
+                .bind(&contact.groups)
+                .execute(&mut *tx)
+                .await?;
+                contact_ids.push(contact.id.clone());
+                summary.contacts += 1;
+            }
+        }
+
+        summary.contacts_removed =
+            sqlx::query("DELETE FROM herald_contacts WHERE id <> ALL($1::text[])")
+                .bind(&contact_ids)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        summary.companies_removed =
+            sqlx::query("DELETE FROM herald_companies WHERE id <> ALL($1::text[])")
+                .bind(&company_ids)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        tx.commit().await?;
+        Ok(summary)
+    }
+
+    async fn company_contacts(&self, company_id: &str) -> Result<Option<Vec<Contact>>, StoreError> {
+        let known: Option<i32> = sqlx::query_scalar("SELECT 1 FROM herald_companies WHERE id = $1")
+            .bind(company_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        if known.is_none() {
+            return Ok(None);
+        }
+        let rows: Vec<(String, String, String, String, bool, Vec<String>)> = sqlx::query_as(
+            "SELECT c.id, c.name, c.email, c.role, c.active,
+                    coalesce(array_agg(g.group_name) FILTER (WHERE g.group_name IS NOT NULL), '{}')
+             FROM herald_contacts c
+             LEFT JOIN herald_contact_groups g ON g.contact_id = c.id
+             WHERE c.company_id = $1
+             GROUP BY c.id ORDER BY c.id",
+        )
+        .bind(company_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some(
+            rows.into_iter()
+                .map(|(id, name, email, role, active, groups)| Contact {
+                    id,
+                    name,
+                    email,
+                    role,
+                    active,
+                    groups: groups.into_iter().collect(),
+                })
+                .collect(),
+        ))
+    }
+
+    async fn claim_outbox(
+        &self,
+        limit: u32,
+        lease: Duration,
+        _now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let rows: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(
+            "WITH due AS (
+                SELECT id FROM herald_outbox
+                WHERE state = 'pending' AND (lease_until IS NULL OR lease_until <= now())
+                ORDER BY id LIMIT $2
+                FOR UPDATE SKIP LOCKED)
+             UPDATE herald_outbox o SET lease_until = now() + make_interval(secs => $1)
+             FROM due WHERE o.id = due.id
+             RETURNING o.id, o.kind, substring(convert_to(o.payload, 'UTF8') FROM 1 FOR $3)",
+        )
+        .bind(seconds(lease))
+        .bind(i64::from(limit))
+        .bind(PAYLOAD_READ_LIMIT)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut events: Vec<OutboxEvent> = rows
+            .into_iter()
+            .map(|(id, kind, payload)| OutboxEvent { id, kind, payload })
+            .collect();
+        events.sort_by_key(|event| event.id);
+        Ok(events)
+    }
+
+    async fn record_decision(
+        &self,
+        outbox_id: i64,
+        decision: &OutboxDecision,
+        _now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (state, recipients, reason) = match decision {
+            OutboxDecision::Dispatched { deliveries, note } => {
+                ("dispatched", Some(deliveries.len() as i32), note.as_deref())
+            }
+            OutboxDecision::Failed { reason } => ("failed", None, Some(reason.as_str())),
+        };
+        let updated = sqlx::query(
+            "UPDATE herald_outbox
+             SET state = $1, processed_at = now(), recipients = $2, reason = $3, lease_until = NULL
+             WHERE id = $4 AND state = 'pending'",
+        )
+        .bind(state)
+        .bind(recipients)
+        .bind(reason)
+        .bind(outbox_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+
+        if let OutboxDecision::Dispatched { deliveries, .. } = decision
+            && !deliveries.is_empty()
+        {
+            let column = |f: fn(&super::NewDelivery) -> &str| -> Vec<String> {
+                deliveries.iter().map(|d| f(d).to_string()).collect()
+            };
+            sqlx::query(
+                "INSERT INTO herald_deliveries (outbox_id, kind, audience, contact_id,
+                    recipient_name, recipient_email, message_id, next_attempt_at)
+                 SELECT o.id, o.kind, t.audience, t.contact_id, t.name, t.email, t.message_id, now()
+                 FROM herald_outbox o,
+                      unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+                        AS t(audience, contact_id, name, email, message_id)
+                 WHERE o.id = $1
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(outbox_id)
+            .bind(column(|d| d.audience.as_str()))
+            .bind(column(|d| &d.contact_id))
+            .bind(column(|d| &d.recipient_name))
+            .bind(column(|d| &d.recipient_email))
+            .bind(column(|d| &d.message_id))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        limit: u32,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
+        let rows: Vec<ClaimedRow> = sqlx::query_as(
+            "WITH due AS (
+                SELECT id FROM herald_deliveries
+                WHERE state IN ('queued', 'retrying') AND next_attempt_at <= now()
+                  AND (lease_until IS NULL OR lease_until <= now())
+                ORDER BY next_attempt_at, id LIMIT $3
+                FOR UPDATE SKIP LOCKED)
+             UPDATE herald_deliveries d
+             SET lease_owner = $1, lease_until = now() + make_interval(secs => $2),
+                 updated_at = now()
+             FROM due, herald_outbox o
+             WHERE d.id = due.id AND o.id = d.outbox_id
+             RETURNING d.id, d.outbox_id, d.kind, d.audience, d.contact_id, d.recipient_name,
+                d.recipient_email, d.attempts, d.message_id,
+                substring(convert_to(o.payload, 'UTF8') FROM 1 FOR $4)",
+        )
+        .bind(owner)
+        .bind(seconds(lease))
+        .bind(i64::from(limit))
+        .bind(PAYLOAD_READ_LIMIT)
+        .fetch_all(&self.pool)
+        .await?;
+        // The database's lease started at or after `now`, so this local deadline is never
+        // later than the real one, whatever the clocks say.
+        let lease_until = now + lease;
+        let mut claimed = rows
+            .into_iter()
+            .map(|row| {
+                let (
+                    id,
+                    outbox_id,
+                    kind,
+                    audience,
+                    contact_id,
+                    name,
+                    email,
+                    attempts,
+                    message_id,
+                    payload,
+                ) = row;
+                Ok(ClaimedDelivery {
+                    id,
+                    outbox_id,
+                    kind,
+                    audience: parse_audience(&audience)?,
+                    contact_id,
+                    recipient_name: name,
+                    recipient_email: email,
+                    attempts: u32::try_from(attempts).unwrap_or_default(),
+                    message_id,
+                    payload,
+                    lease_until,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        claimed.sort_by_key(|delivery| delivery.id);
+        Ok(claimed)
+    }
+
+    async fn record_attempt(
+        &self,
+        delivery_id: i64,
+        owner: &str,
+        record: &AttemptRecord,
+        _now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let query = match record {
+            AttemptRecord::Sent { smtp_reply, at } => sqlx::query(
+                "UPDATE herald_deliveries
+                 SET state = 'sent', attempts = attempts + 1, smtp_reply = $3, sent_at = $4,
+                     last_error = NULL, lease_owner = NULL, lease_until = NULL, updated_at = now()
+                 WHERE id = $1 AND lease_owner = $2",
+            )
+            .bind(delivery_id)
+            .bind(owner)
+            .bind(smtp_reply)
+            .bind(at),
+            AttemptRecord::Retry {
+                error,
+                smtp_reply,
+                next_attempt_at,
+            } => sqlx::query(
+                "UPDATE herald_deliveries
+                 SET state = 'retrying', attempts = attempts + 1, last_error = $3,
+                     smtp_reply = $4, next_attempt_at = $5,
+                     lease_owner = NULL, lease_until = NULL, updated_at = now()
+                 WHERE id = $1 AND lease_owner = $2",
+            )
+            .bind(delivery_id)
+            .bind(owner)
+            .bind(error)
+            .bind(smtp_reply)
+            .bind(next_attempt_at),
+            AttemptRecord::Dead { error, smtp_reply } => sqlx::query(
+                "UPDATE herald_deliveries
+                 SET state = 'dead', attempts = attempts + 1, last_error = $3, smtp_reply = $4,
+                     lease_owner = NULL, lease_until = NULL, updated_at = now()
+                 WHERE id = $1 AND lease_owner = $2",
+            )
+            .bind(delivery_id)
+            .bind(owner)
+            .bind(error)
+            .bind(smtp_reply),
+        };
+        Ok(query.execute(&self.pool).await?.rows_affected() == 1)
+    }
+
+    async fn release(&self, owner: &str, delivery_ids: &[i64]) -> Result<(), StoreError> {
+        if delivery_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE herald_deliveries SET lease_owner = NULL, lease_until = NULL
+             WHERE lease_owner = $1 AND id = ANY($2)",
+        )
+        .bind(owner)
+        .bind(delivery_ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT min(greatest(next_attempt_at, coalesce(lease_until, next_attempt_at)))
+             FROM herald_deliveries WHERE state IN ('queued', 'retrying')",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn status(&self) -> Result<StatusReport, StoreError> {
+        let outbox = sqlx::query_as(
+            "SELECT state, count(*) FROM herald_outbox GROUP BY state ORDER BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let deliveries = sqlx::query_as(
+            "SELECT state, count(*) FROM herald_deliveries GROUP BY state ORDER BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let oldest_pending = sqlx::query_scalar(
+            "SELECT min(created_at) FROM (
+                SELECT created_at FROM herald_outbox WHERE state = 'pending'
+                UNION ALL
+                SELECT created_at FROM herald_deliveries WHERE state IN ('queued', 'retrying')) t",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let recent_failures = sqlx::query_as(
+            "SELECT what, reason FROM (
+                SELECT 'outbox ' || id || ' (' || kind || ')' AS what, reason,
+                       processed_at AS at, id
+                FROM herald_outbox WHERE state = 'failed'
+                UNION ALL
+                SELECT 'delivery ' || id || ' to ' || recipient_email || ' (outbox ' || outbox_id || ')',
+                       last_error, updated_at, id
+                FROM herald_deliveries WHERE state = 'dead') t
+             ORDER BY at DESC, id DESC LIMIT 10",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(StatusReport {
+            outbox,
+            deliveries,
+            oldest_pending,
+            recent_failures,
+        })
+    }
+
+    async fn heartbeat(
+        &self,
+        owner: &str,
+        _now: DateTime<Utc>,
+        live_within: Duration,
+    ) -> Result<u32, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO herald_daemons (owner, heartbeat_at) VALUES ($1, now())
+             ON CONFLICT (owner) DO UPDATE SET heartbeat_at = now()",
+        )
+        .bind(owner)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM herald_daemons WHERE heartbeat_at < now() - make_interval(secs => $1)",
+        )
+        .bind(seconds(live_within * 10))
+        .execute(&mut *tx)
+        .await?;
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM herald_daemons WHERE heartbeat_at >= now() - make_interval(secs => $1)",
+        )
+        .bind(seconds(live_within))
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(u32::try_from(live).unwrap_or(u32::MAX).max(1))
+    }
+
+    async fn retire(&self, owner: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM herald_daemons WHERE owner = $1")
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    fn outbox_wakeups(&self) -> Option<Arc<Notify>> {
+        if self.listening.set(()).is_ok() {
+            self.spawn_listener();
+        }
+        Some(self.wakeups.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::redact_url;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            redact_url("postgres://herald:s3cret@db:5432/x"),
+            "postgres://herald:***@db:5432/x"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1/test"),
+            "postgres://postgres@127.0.0.1/test"
+        );
+    }
+}
