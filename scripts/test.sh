@@ -14,4 +14,14 @@ if ! "$venv/bin/python" -c 'import aiosmtpd' 2>/dev/null; then
 fi
 export HERALD_TEST_PYTHON="$PWD/$venv/bin/python"
 
+# The PostgreSQL half of the suite runs against this server (each test makes and drops its
+# own database). Set HERALD_TEST_POSTGRES to another admin URL, or to the empty string to
+# skip those tests. The machine's own server is started if it is down.
+export HERALD_TEST_POSTGRES="${HERALD_TEST_POSTGRES-postgres://postgres@127.0.0.1:5432/test}"
+if [[ "$HERALD_TEST_POSTGRES" == postgres://postgres@127.0.0.1:5432/* ]] \
+    && ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && command -v pg_ctlcluster >/dev/null; then
+    echo "scripts/test.sh: starting the local PostgreSQL server" >&2
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start
+fi
+
 cargo test "$@"

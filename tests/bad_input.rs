@@ -3,9 +3,18 @@
 
 mod support;
 
+use herald::store::Database;
 use herald::store::Store;
-use sqlx::Row;
-use support::{Options, Sink, TestEnv, repo_path};
+use support::{Backend, Options, Sink, TestEnv, repo_path};
+
+/// The SQLite store, for tests of what only SQLite lets a producer write (text that is not
+/// UTF-8; PostgreSQL refuses it on insert).
+async fn sqlite(env: &TestEnv) -> herald::store::sqlite::SqliteStore {
+    match env.store().await {
+        Database::Sqlite(store) => store,
+        Database::Postgres(_) => unreachable!("a SQLite test environment"),
+    }
+}
 
 fn sample(kind: &str) -> serde_json::Value {
     let text =
@@ -19,9 +28,8 @@ fn edited(kind: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
     value.to_string()
 }
 
-#[tokio::test]
-async fn bad_rows_fail_with_their_reason_and_good_rows_still_go_out() {
-    let env = TestEnv::new(Options::new(Sink::Files)).await;
+async fn bad_rows_fail_with_their_reason_and_good_rows_still_go_out(backend: Backend) {
+    let env = TestEnv::new(Options::on(backend, Sink::Files)).await;
     let store = env.store().await;
     let good = sample("vxc.approved").to_string();
 
@@ -166,12 +174,12 @@ async fn bad_rows_fail_with_their_reason_and_good_rows_still_go_out() {
     assert!(run.status.success(), "drain failed: {log}");
 
     for ((_, _, words), id) in bad.iter().zip(&bad_ids) {
-        let row = sqlx::query("SELECT status, reason FROM herald_outbox_status WHERE id = $1")
-            .bind(id)
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
-        let (status, reason): (String, String) = (row.get(0), row.get(1));
+        let row = env
+            .rows(&format!(
+                "SELECT status, reason FROM herald_outbox_status WHERE id = {id}"
+            ))
+            .await;
+        let (status, reason) = (row[0][0].clone().unwrap(), row[0][1].clone().unwrap());
         assert_eq!(status, "failed", "row {id}");
         for word in *words {
             assert!(
@@ -184,22 +192,22 @@ async fn bad_rows_fail_with_their_reason_and_good_rows_still_go_out() {
             "row {id} failure is logged"
         );
     }
-    let failed_deliveries: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM herald_deliveries WHERE outbox_id IN (SELECT id FROM herald_outbox WHERE state = 'failed')",
-    )
-    .fetch_one(store.pool())
-    .await
-    .unwrap();
-    assert_eq!(failed_deliveries, 0, "a failed row sends nothing");
+    let failed_deliveries = env
+        .value("SELECT CAST(count(*) AS TEXT) FROM herald_deliveries WHERE outbox_id IN (SELECT id FROM herald_outbox WHERE state = 'failed')")
+        .await;
+    assert_eq!(
+        failed_deliveries.as_deref(),
+        Some("0"),
+        "a failed row sends nothing"
+    );
 
     for id in &good_ids {
-        let status: String =
-            sqlx::query_scalar("SELECT status FROM herald_outbox_status WHERE id = $1")
-                .bind(id)
-                .fetch_one(store.pool())
-                .await
-                .unwrap();
-        assert_eq!(status, "done", "good row {id}");
+        let status = env
+            .value(&format!(
+                "SELECT status FROM herald_outbox_status WHERE id = {id}"
+            ))
+            .await;
+        assert_eq!(status.as_deref(), Some("done"), "good row {id}");
     }
     assert_eq!(
         std::fs::read_dir(env.mail_dir()).unwrap().count(),
@@ -208,9 +216,8 @@ async fn bad_rows_fail_with_their_reason_and_good_rows_still_go_out() {
     );
 }
 
-#[tokio::test]
-async fn a_notification_without_recipients_is_recorded_not_failed() {
-    let env = TestEnv::new(Options::new(Sink::Files)).await;
+async fn a_notification_without_recipients_is_recorded_not_failed(backend: Backend) {
+    let env = TestEnv::new(Options::on(backend, Sink::Files)).await;
     let store = env.store().await;
     // Fabrikam is in the directory but has no contacts.
     let payload = edited("vxc.approval_required", |p| {
@@ -226,23 +233,23 @@ async fn a_notification_without_recipients_is_recorded_not_failed() {
     let log = String::from_utf8_lossy(&run.stderr);
     assert!(log.contains("no provider recipient"), "logged: {log}");
 
-    let row = sqlx::query("SELECT state, recipients, reason FROM herald_outbox WHERE id = $1")
-        .bind(id)
-        .fetch_one(store.pool())
+    let row = env
+        .rows(&format!(
+            "SELECT state, CAST(recipients AS TEXT), reason FROM herald_outbox WHERE id = {id}"
+        ))
         .await
-        .unwrap();
-    assert_eq!(row.get::<String, _>(0), "dispatched");
+        .remove(0);
+    assert_eq!(row[0].as_deref(), Some("dispatched"));
     assert_eq!(
-        row.get::<i64, _>(1),
-        2,
+        row[1].as_deref(),
+        Some("2"),
         "the customer side still gets its two messages"
     );
-    assert!(row.get::<String, _>(2).contains("no provider recipient"));
+    assert!(row[2].as_deref().unwrap().contains("no provider recipient"));
 }
 
-#[tokio::test]
-async fn a_repeated_idempotency_key_is_a_silent_no_op() {
-    let env = TestEnv::new(Options::new(Sink::Files)).await;
+async fn a_repeated_idempotency_key_is_a_silent_no_op(backend: Backend) {
+    let env = TestEnv::new(Options::on(backend, Sink::Files)).await;
     let store = env.store().await;
     let payload = sample("vxc.approved").to_string();
     let first = store
@@ -251,11 +258,12 @@ async fn a_repeated_idempotency_key_is_a_silent_no_op() {
         .unwrap();
     assert!(first.is_some());
     // A producer's plain INSERT with the same key: no error, no row.
-    sqlx::query("INSERT INTO herald_outbox (kind, payload, idempotency_key) VALUES ('vxc.approved', $1, 'order-42-approved')")
-        .bind(&payload)
-        .execute(store.pool())
-        .await
-        .expect("the duplicate insert is not an error");
+    env.execute(&format!(
+        "INSERT INTO herald_outbox (kind, payload, idempotency_key) \
+         VALUES ('vxc.approved', '{payload}', 'order-42-approved')"
+    ))
+    .await
+    .expect("the duplicate insert is not an error");
     assert_eq!(
         store
             .enqueue("vxc.approved", &payload, Some("order-42-approved"))
@@ -266,28 +274,25 @@ async fn a_repeated_idempotency_key_is_a_silent_no_op() {
 
     let run = env.herald(&["run", "--drain"]);
     assert!(run.status.success());
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM herald_outbox")
-        .fetch_one(store.pool())
-        .await
-        .unwrap();
-    assert_eq!(rows, 1);
+    let rows = env
+        .value("SELECT CAST(count(*) AS TEXT) FROM herald_outbox")
+        .await;
+    assert_eq!(rows.as_deref(), Some("1"));
     assert_eq!(std::fs::read_dir(env.mail_dir()).unwrap().count(), 2);
 }
 
-#[tokio::test]
-async fn a_delivery_is_unique_per_row_notification_and_address() {
-    let env = TestEnv::new(Options::new(Sink::Files)).await;
-    let store = env.store().await;
+async fn a_delivery_is_unique_per_row_notification_and_address(backend: Backend) {
+    let env = TestEnv::new(Options::on(backend, Sink::Files)).await;
     let id = env.enqueue_sample("vxc.approved").await;
     assert!(env.herald(&["run", "--drain"]).status.success());
-    let again = sqlx::query(
-        "INSERT INTO herald_deliveries (outbox_id, kind, audience, contact_id, recipient_name,
-            recipient_email, message_id, next_attempt_at)
-         VALUES ($1, 'vxc.approved', 'customer', 'acme-dana', 'Dana', 'DANA@ACME.EXAMPLE', 'x@y', '2000-01-01T00:00:00.000Z')",
-    )
-    .bind(id)
-    .execute(store.pool())
-    .await;
+    let again = env
+        .execute(&format!(
+            "INSERT INTO herald_deliveries (outbox_id, kind, audience, contact_id, recipient_name,
+                recipient_email, message_id, next_attempt_at)
+             VALUES ({id}, 'vxc.approved', 'customer', 'acme-dana', 'Dana', 'DANA@ACME.EXAMPLE',
+                'x@y', '2000-01-01T00:00:00.000Z')"
+        ))
+        .await;
     assert!(
         again.is_err(),
         "the database refuses a second delivery of the same notification"
@@ -297,7 +302,7 @@ async fn a_delivery_is_unique_per_row_notification_and_address() {
 #[tokio::test]
 async fn a_row_that_is_not_utf8_fails_alone() {
     let env = TestEnv::new(Options::new(Sink::Files)).await;
-    let store = env.store().await;
+    let store = sqlite(&env).await;
     // SQLite does not check that TEXT is UTF-8; a producer can store anything.
     let bad: i64 = sqlx::query_scalar(
         "INSERT INTO herald_outbox (kind, payload) VALUES ('vxc.approved', CAST(X'FFFE7B7D' AS TEXT)) RETURNING id",
@@ -329,7 +334,7 @@ async fn a_row_that_is_not_utf8_fails_alone() {
 #[tokio::test]
 async fn values_of_the_wrong_type_are_refused_when_written() {
     let env = TestEnv::new(Options::new(Sink::Files)).await;
-    let store = env.store().await;
+    let store = sqlite(&env).await;
     let blob =
         sqlx::query("INSERT INTO herald_outbox (kind, payload) VALUES ('vxc.approved', X'7B7D')")
             .execute(store.pool())
@@ -347,7 +352,7 @@ async fn values_of_the_wrong_type_are_refused_when_written() {
 #[tokio::test]
 async fn a_contact_with_an_unusable_address_is_skipped_and_noted() {
     let env = TestEnv::new(Options::new(Sink::Files)).await;
-    let store = env.store().await;
+    let store = sqlite(&env).await;
     sqlx::query(
         "INSERT INTO herald_contacts (id, company_id, name, email, role) \
          VALUES ('acme-bad', 'acme', 'Bad Bytes', CAST(X'626164FF40616362652E6578616D706C65' AS TEXT), 'company_admin')",
@@ -379,3 +384,10 @@ async fn a_contact_with_an_unusable_address_is_skipped_and_noted() {
         "{reason}"
     );
 }
+
+on_both_backends!(
+    bad_rows_fail_with_their_reason_and_good_rows_still_go_out,
+    a_notification_without_recipients_is_recorded_not_failed,
+    a_repeated_idempotency_key_is_a_silent_no_op,
+    a_delivery_is_unique_per_row_notification_and_address,
+);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use herald::render::PreferenceSigner;
 use mail_parser::{MessageParser, MimeHeaders};
-use support::{Aiosmtpd, Options, SAMPLE_KINDS, Sink, TestEnv};
+use support::{Aiosmtpd, Backend, Options, SAMPLE_KINDS, Sink, TestEnv};
 
 /// (recipient, subject prefix) for every message the samples must produce: eight in all.
 const EXPECTED: [(&str, &str); 8] = [
@@ -22,10 +22,9 @@ const EXPECTED: [(&str, &str); 8] = [
     ("noc@cloudco.example", "Speed change requested:"),
 ];
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_samples_reach_a_real_smtp_server_as_complete_messages() {
+async fn the_samples_reach_a_real_smtp_server_as_complete_messages(backend: Backend) {
     let smtp = Aiosmtpd::start();
-    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
     for kind in SAMPLE_KINDS {
         env.enqueue_sample(kind).await;
     }
@@ -131,25 +130,21 @@ async fn the_samples_reach_a_real_smtp_server_as_complete_messages() {
     }
 
     // The database agrees with the server.
-    let store = env.store().await;
-    let rows: Vec<(String, i64, String, String)> = sqlx::query_as(
-        "SELECT state, attempts, smtp_reply, message_id FROM herald_deliveries ORDER BY id",
-    )
-    .fetch_all(store.pool())
-    .await
-    .unwrap();
+    let rows = env
+        .rows("SELECT state, CAST(attempts AS TEXT), smtp_reply, message_id FROM herald_deliveries ORDER BY id")
+        .await;
     assert_eq!(rows.len(), 8);
-    for (state, attempts, reply, message_id) in rows {
-        assert_eq!((state.as_str(), attempts), ("sent", 1));
+    for row in rows {
+        let [state, attempts, reply, message_id] = [0, 1, 2, 3].map(|i| row[i].clone().unwrap());
+        assert_eq!((state.as_str(), attempts.as_str()), ("sent", "1"));
         assert!(reply.starts_with("250"));
         assert!(message_ids.contains(&message_id));
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_daemon_picks_up_new_rows_and_stops_cleanly_on_sigterm() {
+async fn the_daemon_picks_up_new_rows_and_stops_cleanly_on_sigterm(backend: Backend) {
     let smtp = Aiosmtpd::start();
-    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
     let log_path = env.dir.path().join("daemon.log");
     let mut daemon = env
         .herald_command(&["run"])
@@ -189,7 +184,7 @@ async fn the_daemon_picks_up_new_rows_and_stops_cleanly_on_sigterm() {
         .expect("start line");
     for field in [
         "config=",
-        "database=sqlite://",
+        "database=",
         "transport=smtp://127.0.0.1:",
         "templates=17",
     ] {
@@ -199,3 +194,8 @@ async fn the_daemon_picks_up_new_rows_and_stops_cleanly_on_sigterm() {
     assert!(log.contains("stopped"));
     assert_eq!(smtp.received().len(), 2);
 }
+
+on_both_backends!(
+    the_samples_reach_a_real_smtp_server_as_complete_messages,
+    the_daemon_picks_up_new_rows_and_stops_cleanly_on_sigterm,
+);

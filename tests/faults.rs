@@ -6,15 +6,27 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::scripted_smtp::{ScriptedSmtp, Step};
-use support::{Options, SAMPLE_KINDS, Sink, TestEnv, free_port};
+use support::{Backend, Options, SAMPLE_KINDS, Sink, TestEnv, free_port};
 
+/// (recipient, state, attempts, last error, SMTP reply) per delivery, in id order.
 async fn deliveries(env: &TestEnv) -> Vec<(String, String, i64, Option<String>, Option<String>)> {
-    sqlx::query_as(
-        "SELECT recipient_email, state, attempts, last_error, smtp_reply FROM herald_deliveries ORDER BY id",
+    env.rows(
+        "SELECT recipient_email, state, CAST(attempts AS TEXT), last_error, smtp_reply \
+         FROM herald_deliveries ORDER BY id",
     )
-    .fetch_all(env.store().await.pool())
     .await
-    .unwrap()
+    .into_iter()
+    .map(|r| {
+        let text = |i: usize| r[i].clone().unwrap_or_default();
+        (
+            text(0),
+            text(1),
+            text(2).parse().unwrap(),
+            r[3].clone(),
+            r[4].clone(),
+        )
+    })
+    .collect()
 }
 
 async fn drain(env: &TestEnv) -> (bool, String) {
@@ -26,14 +38,13 @@ async fn drain(env: &TestEnv) -> (bool, String) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_451_is_retried_and_delivered_once_with_the_same_message_id() {
+async fn a_451_is_retried_and_delivered_once_with_the_same_message_id(backend: Backend) {
     let smtp = ScriptedSmtp::start().await;
     smtp.script(
         "noc@cloudco.example",
         &[Step::Reply("451 4.3.0 Try again later")],
     );
-    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
     env.enqueue_sample("vxc.speed_change_requested").await;
 
     let (ok, log) = drain(&env).await;
@@ -68,14 +79,13 @@ async fn a_451_is_retried_and_delivered_once_with_the_same_message_id() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_550_is_dead_at_once_with_the_reply_and_the_others_still_go_out() {
+async fn a_550_is_dead_at_once_with_the_reply_and_the_others_still_go_out(backend: Backend) {
     let smtp = ScriptedSmtp::start().await;
     smtp.script(
         "noc@cloudco.example",
         &[Step::Reply("550 5.1.1 Mailbox unavailable")],
     );
-    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
     env.enqueue_sample("vxc.approval_required").await;
 
     let (ok, log) = drain(&env).await;
@@ -112,8 +122,7 @@ async fn a_550_is_dead_at_once_with_the_reply_and_the_others_still_go_out() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn retries_stop_at_max_attempts_with_a_clear_reason() {
+async fn retries_stop_at_max_attempts_with_a_clear_reason(backend: Backend) {
     let smtp = ScriptedSmtp::start().await;
     smtp.script(
         "noc@cloudco.example",
@@ -123,7 +132,7 @@ async fn retries_stop_at_max_attempts_with_a_clear_reason() {
             Step::Reply("452 4.2.2 Mailbox full"),
         ],
     );
-    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await; // max_attempts: 3
+    let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await; // max_attempts: 3
     env.enqueue_sample("vxc.speed_change_requested").await;
     for _ in 0..3 {
         assert!(drain(&env).await.0);
@@ -141,11 +150,10 @@ async fn retries_stop_at_max_attempts_with_a_clear_reason() {
     assert_eq!(smtp.accepted().len(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_connection_dropped_mid_message_is_retried_on_a_new_connection() {
+async fn a_connection_dropped_mid_message_is_retried_on_a_new_connection(backend: Backend) {
     let smtp = ScriptedSmtp::start().await;
     smtp.script("dana@acme.example", &[Step::Drop]);
-    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
     env.enqueue_sample("vxc.approved").await;
 
     assert!(drain(&env).await.0);
@@ -169,14 +177,13 @@ async fn a_connection_dropped_mid_message_is_retried_on_a_new_connection() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_421_closes_the_session_and_the_message_is_retried() {
+async fn a_421_closes_the_session_and_the_message_is_retried(backend: Backend) {
     let smtp = ScriptedSmtp::start().await;
     smtp.script(
         "dana@acme.example",
         &[Step::Reply("421 4.7.0 Too many messages, closing")],
     );
-    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
     env.enqueue_sample("vxc.approved").await;
 
     assert!(drain(&env).await.0);
@@ -187,10 +194,9 @@ async fn a_421_closes_the_session_and_the_message_is_retried() {
     assert!(smtp.connections() >= 2);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn while_the_server_is_down_nothing_is_lost_or_charged_an_attempt() {
+async fn while_the_server_is_down_nothing_is_lost_or_charged_an_attempt(backend: Backend) {
     let port = free_port();
-    let env = TestEnv::new(Options::new(Sink::Smtp(port))).await;
+    let env = TestEnv::new(Options::on(backend, Sink::Smtp(port))).await;
     for kind in SAMPLE_KINDS {
         env.enqueue_sample(kind).await;
     }
@@ -212,10 +218,9 @@ async fn while_the_server_is_down_nothing_is_lost_or_charged_an_attempt() {
     assert_eq!(smtp.accepted().len(), 8);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_daemon_rides_out_a_server_outage() {
+async fn the_daemon_rides_out_a_server_outage(backend: Backend) {
     let smtp = ScriptedSmtp::start().await;
-    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
     smtp.stop();
     let mut daemon = tokio::process::Command::from(env.herald_command(&["run"]))
         .stderr(std::process::Stdio::null())
@@ -246,11 +251,10 @@ async fn the_daemon_rides_out_a_server_outage() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_mid_send_finishes_the_send_and_releases_the_rest() {
+async fn sigterm_mid_send_finishes_the_send_and_releases_the_rest(backend: Backend) {
     let smtp = ScriptedSmtp::start().await;
     smtp.delay_data(Duration::from_millis(700));
-    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
     for kind in SAMPLE_KINDS {
         env.enqueue_sample(kind).await;
     }
@@ -276,12 +280,15 @@ async fn sigterm_mid_send_finishes_the_send_and_releases_the_rest() {
     // Nothing half-recorded: sent in the database exactly when accepted by the server, no
     // lease left behind, no attempt charged to what was not sent.
     let accepted = smtp.accepted();
-    let rows: Vec<(String, String, i64, Option<String>)> = sqlx::query_as(
-        "SELECT message_id, state, attempts, lease_owner FROM herald_deliveries ORDER BY id",
-    )
-    .fetch_all(env.store().await.pool())
-    .await
-    .unwrap();
+    let rows: Vec<(String, String, i64, Option<String>)> = env
+        .rows("SELECT message_id, state, CAST(attempts AS TEXT), lease_owner FROM herald_deliveries ORDER BY id")
+        .await
+        .into_iter()
+        .map(|r| {
+            let text = |i: usize| r[i].clone().unwrap_or_default();
+            (text(0), text(1), text(2).parse().unwrap(), r[3].clone())
+        })
+        .collect();
     assert!(
         !accepted.is_empty() && accepted.len() < 8,
         "stopped mid-run: {} sent",
@@ -302,3 +309,14 @@ async fn sigterm_mid_send_finishes_the_send_and_releases_the_rest() {
     let unique: std::collections::BTreeSet<_> = accepted.iter().map(|t| &t.message_id).collect();
     assert_eq!(unique.len(), 8);
 }
+
+on_both_backends!(
+    a_451_is_retried_and_delivered_once_with_the_same_message_id,
+    a_550_is_dead_at_once_with_the_reply_and_the_others_still_go_out,
+    retries_stop_at_max_attempts_with_a_clear_reason,
+    a_connection_dropped_mid_message_is_retried_on_a_new_connection,
+    a_421_closes_the_session_and_the_message_is_retried,
+    while_the_server_is_down_nothing_is_lost_or_charged_an_attempt,
+    the_daemon_rides_out_a_server_outage,
+    sigterm_mid_send_finishes_the_send_and_releases_the_rest,
+);

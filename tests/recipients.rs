@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use herald::dispatch::planner::decide;
 use herald::outbox::OutboxEvent;
 use herald::store::{NewDelivery, OutboxDecision};
-use support::{Options, Sink, TestEnv, repo_path};
+use support::{Backend, Options, Sink, TestEnv, repo_path};
 
 async fn recipients(env: &TestEnv, kind: &str) -> BTreeSet<(String, String)> {
     let payload =
@@ -36,9 +36,8 @@ fn set(rows: &[(&str, &str)]) -> BTreeSet<(String, String)> {
         .collect()
 }
 
-#[tokio::test]
-async fn the_sample_payloads_reach_exactly_the_expected_contacts() {
-    let env = TestEnv::new(Options::new(Sink::Files)).await;
+async fn the_sample_payloads_reach_exactly_the_expected_contacts(backend: Backend) {
+    let env = TestEnv::new(Options::on(backend, Sink::Files)).await;
     assert_eq!(
         recipients(&env, "vxc.approval_required").await,
         set(&[
@@ -67,9 +66,8 @@ async fn the_sample_payloads_reach_exactly_the_expected_contacts() {
     );
 }
 
-#[tokio::test]
-async fn each_sample_contact_left_out_is_left_out_for_its_own_reason() {
-    let env = TestEnv::new(Options::new(Sink::Files)).await;
+async fn each_sample_contact_left_out_is_left_out_for_its_own_reason(backend: Backend) {
+    let env = TestEnv::new(Options::on(backend, Sink::Files)).await;
     let mut everyone = BTreeSet::new();
     for kind in support::SAMPLE_KINDS {
         everyone.extend(
@@ -93,22 +91,16 @@ async fn each_sample_contact_left_out_is_left_out_for_its_own_reason() {
     }
 
     // Each exclusion is down to that one attribute: fix it and the contact is chosen.
-    let store = env.store().await;
-    let pool = store.pool();
-    sqlx::query("UPDATE herald_contacts SET role = 'technical_contact' WHERE id = 'acme-fin'")
-        .execute(pool)
+    env.execute("UPDATE herald_contacts SET role = 'technical_contact' WHERE id = 'acme-fin'")
         .await
         .unwrap();
-    sqlx::query("UPDATE herald_contacts SET active = TRUE WHERE id = 'acme-old'")
-        .execute(pool)
+    env.execute("UPDATE herald_contacts SET active = TRUE WHERE id = 'acme-old'")
         .await
         .unwrap();
-    sqlx::query("UPDATE herald_contacts SET role = 'company_admin' WHERE id = 'cloudco-ro'")
-        .execute(pool)
+    env.execute("UPDATE herald_contacts SET role = 'company_admin' WHERE id = 'cloudco-ro'")
         .await
         .unwrap();
-    sqlx::query("INSERT INTO herald_contact_groups VALUES ('cloudco-ana', 'ordering')")
-        .execute(pool)
+    env.execute("INSERT INTO herald_contact_groups VALUES ('cloudco-ana', 'ordering')")
         .await
         .unwrap();
     let now_chosen: BTreeSet<String> = recipients(&env, "vxc.approval_required")
@@ -129,19 +121,15 @@ async fn each_sample_contact_left_out_is_left_out_for_its_own_reason() {
     }
 }
 
-#[tokio::test]
-async fn the_same_address_on_two_contacts_is_notified_once() {
-    let env = TestEnv::new(Options::new(Sink::Files)).await;
-    let store = env.store().await;
-    sqlx::query(
+async fn the_same_address_on_two_contacts_is_notified_once(backend: Backend) {
+    let env = TestEnv::new(Options::on(backend, Sink::Files)).await;
+    env.execute(
         "INSERT INTO herald_contacts (id, company_id, name, email, role) \
          VALUES ('acme-dana-2', 'acme', 'Dana S.', 'DANA@acme.example', 'technical_admin')",
     )
-    .execute(store.pool())
     .await
     .unwrap();
-    sqlx::query("INSERT INTO herald_contact_groups VALUES ('acme-dana-2', 'ordering')")
-        .execute(store.pool())
+    env.execute("INSERT INTO herald_contact_groups VALUES ('acme-dana-2', 'ordering')")
         .await
         .unwrap();
     let chosen = recipients(&env, "vxc.approved").await;
@@ -152,15 +140,17 @@ async fn the_same_address_on_two_contacts_is_notified_once() {
     assert_eq!(danas, 1);
 }
 
-#[tokio::test]
-async fn the_requester_is_not_notified_when_not_subscribed() {
-    let env = TestEnv::new(Options::new(Sink::Files)).await;
-    let store = env.store().await;
+async fn the_requester_is_not_notified_when_not_subscribed(backend: Backend) {
+    let env = TestEnv::new(Options::on(backend, Sink::Files)).await;
     // Dana requested the VXC but leaves the ordering group.
-    sqlx::query("DELETE FROM herald_contact_groups WHERE contact_id = 'acme-dana' AND group_name = 'ordering'")
-        .execute(store.pool())
-        .await
-        .unwrap();
+    env.execute("DELETE FROM herald_contact_groups WHERE contact_id = 'acme-dana' AND group_name = 'ordering'").await.unwrap();
     let chosen = recipients(&env, "vxc.approved").await;
     assert_eq!(chosen, set(&[("customer", "pat@acme.example")]));
 }
+
+on_both_backends!(
+    the_sample_payloads_reach_exactly_the_expected_contacts,
+    each_sample_contact_left_out_is_left_out_for_its_own_reason,
+    the_same_address_on_two_contacts_is_notified_once,
+    the_requester_is_not_notified_when_not_subscribed,
+);

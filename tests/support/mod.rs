@@ -1,5 +1,11 @@
-//! Shared test fixtures: a throwaway herald installation (config, SQLite file, mail folder) in
-//! a temporary directory, a real SMTP server (aiosmtpd) and a scriptable one for faults.
+//! Shared test fixtures: a throwaway herald installation (config, database, mail folder) in
+//! a temporary directory, on SQLite or on a fresh PostgreSQL database; a real SMTP server
+//! (aiosmtpd) and a scriptable one for faults.
+//!
+//! PostgreSQL tests use the server named by `HERALD_TEST_POSTGRES` (an admin URL such as
+//! `postgres://postgres@127.0.0.1:5432/test`; `scripts/test.sh` sets it). Each test creates
+//! and drops its own database. Without the variable they are skipped with a message on
+//! standard error; with it set and the server unreachable they fail.
 
 #![allow(dead_code)]
 
@@ -12,8 +18,57 @@ use std::time::{Duration, Instant};
 
 use herald::config::Settings;
 use herald::directory::DirectoryFile;
-use herald::store::Store;
-use herald::store::sqlite::SqliteStore;
+use herald::store::{Database, Store};
+use sqlx::{Connection, Executor, Row};
+
+/// The variable naming the PostgreSQL server for tests.
+pub const POSTGRES_ENV: &str = "HERALD_TEST_POSTGRES";
+
+/// Which database a test runs on.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Sqlite,
+    /// The admin URL of a PostgreSQL server; each test makes its own database on it.
+    Postgres(String),
+}
+
+impl Backend {
+    /// The PostgreSQL backend, or `None` (with a message) when no server is configured.
+    pub fn postgres() -> Option<Self> {
+        match std::env::var(POSTGRES_ENV) {
+            Ok(url) if !url.is_empty() => Some(Self::Postgres(url)),
+            _ => {
+                use std::io::Write;
+                // Written straight to the stream so that the test harness does not hide it.
+                drop(writeln!(
+                    std::io::stderr(),
+                    "skipped: PostgreSQL test, {POSTGRES_ENV} is not set (scripts/test.sh sets it)"
+                ));
+                None
+            }
+        }
+    }
+}
+
+/// Runs each named `async fn(Backend)` as two tests, `NAME::sqlite` and `NAME::postgres`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn sqlite() {
+                super::$test($crate::support::Backend::Sqlite).await
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn postgres() {
+                if let Some(backend) = $crate::support::Backend::postgres() {
+                    super::$test(backend).await
+                }
+            }
+        }
+    )*};
+}
 
 pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -32,6 +87,7 @@ pub enum Sink {
 
 #[derive(Debug, Clone)]
 pub struct Options {
+    pub backend: Backend,
     pub sink: Sink,
     pub max_attempts: u32,
     pub initial_backoff: &'static str,
@@ -40,8 +96,14 @@ pub struct Options {
 }
 
 impl Options {
+    /// On SQLite.
     pub fn new(sink: Sink) -> Self {
+        Self::on(Backend::Sqlite, sink)
+    }
+
+    pub fn on(backend: Backend, sink: Sink) -> Self {
         Self {
+            backend,
             sink,
             max_attempts: 3,
             initial_backoff: "100ms",
@@ -56,14 +118,40 @@ impl Options {
 pub struct TestEnv {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// For PostgreSQL: the admin URL and this test's database, dropped with the environment.
+    postgres: Option<(String, String)>,
 }
 
 impl TestEnv {
     pub async fn new(options: Options) -> Self {
         let dir = tempfile::tempdir().expect("temporary folder");
         let config = dir.path().join("herald.yaml");
-        std::fs::write(&config, config_yaml(dir.path(), &options)).unwrap();
-        let env = Self { dir, config };
+        let (database_url, postgres) = match &options.backend {
+            Backend::Sqlite => (
+                format!("sqlite://{}", dir.path().join("herald.db").display()),
+                None,
+            ),
+            Backend::Postgres(admin) => {
+                let name = format!("herald_test_{:016x}", fastrand::u64(..));
+                let mut connection =
+                    sqlx::PgConnection::connect(admin)
+                        .await
+                        .unwrap_or_else(|err| {
+                            panic!("{POSTGRES_ENV}={admin} is set but unusable: {err}")
+                        });
+                connection
+                    .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .await
+                    .unwrap();
+                (with_database(admin, &name), Some((admin.clone(), name)))
+            }
+        };
+        std::fs::write(&config, config_yaml(dir.path(), &database_url, &options)).unwrap();
+        let env = Self {
+            dir,
+            config,
+            postgres,
+        };
         let directory = DirectoryFile::load(&repo_path("examples/directory.yaml")).unwrap();
         env.store()
             .await
@@ -77,8 +165,8 @@ impl TestEnv {
         Settings::load(&self.config).expect("test configuration is valid")
     }
 
-    pub async fn store(&self) -> SqliteStore {
-        let store = SqliteStore::connect(&self.settings().database.url)
+    pub async fn store(&self) -> Database {
+        let store = Database::connect(&self.settings().database.url, true)
             .await
             .unwrap();
         store.migrate().await.unwrap();
@@ -124,7 +212,100 @@ pub const SAMPLE_KINDS: [&str; 4] = [
     "vxc.speed_change_requested",
 ];
 
-fn config_yaml(dir: &Path, options: &Options) -> String {
+impl TestEnv {
+    /// Runs a statement on this environment's database.
+    pub async fn execute(&self, sql: &str) -> Result<u64, sqlx::Error> {
+        Ok(match self.store().await {
+            Database::Sqlite(store) => sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+                .execute(store.pool())
+                .await?
+                .rows_affected(),
+            Database::Postgres(store) => sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+                .execute(store.pool())
+                .await?
+                .rows_affected(),
+        })
+    }
+
+    /// Runs a query and returns every column as text (`NULL` as `None`): select with
+    /// `CAST(x AS TEXT)` where a column is not text, so one test reads both backends alike.
+    pub async fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        fn texts<R: Row>(row: &R) -> Vec<Option<String>>
+        where
+            for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+            usize: sqlx::ColumnIndex<R>,
+        {
+            (0..row.len()).map(|i| row.try_get(i).unwrap()).collect()
+        }
+        match self.store().await {
+            Database::Sqlite(store) => sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+                .fetch_all(store.pool())
+                .await
+                .unwrap()
+                .iter()
+                .map(texts)
+                .collect(),
+            Database::Postgres(store) => sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+                .fetch_all(store.pool())
+                .await
+                .unwrap()
+                .iter()
+                .map(texts)
+                .collect(),
+        }
+    }
+
+    /// The first column of the first row, as text.
+    pub async fn value(&self, sql: &str) -> Option<String> {
+        self.rows(sql)
+            .await
+            .into_iter()
+            .next()
+            .and_then(|row| row.into_iter().next().flatten())
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.postgres.take() else {
+            return;
+        };
+        // Drop runs inside the test's runtime: use a thread with a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let mut connection = sqlx::PgConnection::connect(&admin).await?;
+                connection
+                    .execute(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .await?;
+                Ok::<_, sqlx::Error>(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop a test database: {dropped:?}");
+        }
+    }
+}
+
+/// The admin URL with its database name replaced.
+fn with_database(admin: &str, name: &str) -> String {
+    let (base, query) = admin
+        .split_once('?')
+        .map_or((admin, None), |(b, q)| (b, Some(q)));
+    let server = base.rsplit_once('/').map_or(base, |(server, _)| server);
+    match query {
+        Some(query) => format!("{server}/{name}?{query}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
+fn config_yaml(dir: &Path, database_url: &str, options: &Options) -> String {
     let transport = match options.sink {
         Sink::Files => format!(
             "kind: file\n  file:\n    dir: {}",
@@ -140,7 +321,7 @@ fn config_yaml(dir: &Path, options: &Options) -> String {
         .find("\nrecipients:")
         .expect("shipped config has recipients")..];
     format!(
-        "database:\n  url: sqlite://{db}\n  poll_interval: 200ms\n\
+        "database:\n  url: {database_url}\n  poll_interval: 200ms\n\
          transport:\n  {transport}\n\
          rate_limit:\n  per_second: {per_second}\n  burst: {per_second}\n\
          retry:\n  max_attempts: {max_attempts}\n  initial_backoff: {backoff}\n  max_backoff: 1s\n\
@@ -153,7 +334,6 @@ fn config_yaml(dir: &Path, options: &Options) -> String {
          \x20 sender:\n    name: Interlink Exchange\n    email: notifications@interlink.example\n\
          preferences:\n  url: https://portal.interlink.example/notifications/preferences\n\
          \x20 secret: test-secret-0123456789abcdef\n{catalogue}",
-        db = dir.join("herald.db").display(),
         per_second = options.per_second,
         max_attempts = options.max_attempts,
         backoff = options.initial_backoff,
