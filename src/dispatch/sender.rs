@@ -283,3 +283,38 @@ fn log_attempt(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+    use std::time::Duration;
+
+    use super::share_of;
+    use crate::config::RateLimitSettings;
+
+    fn rate(per_second: u32, burst: u32) -> RateLimitSettings {
+        RateLimitSettings {
+            per_second: NonZeroU32::new(per_second).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_global_rate_is_divided_among_the_daemons() {
+        let alone = share_of(&rate(30, 9), 1);
+        assert_eq!(alone.replenish_interval(), Duration::from_secs(1) / 30);
+        assert_eq!(alone.burst_size().get(), 9);
+
+        let one_of_three = share_of(&rate(30, 9), 3);
+        assert_eq!(
+            one_of_three.replenish_interval(),
+            Duration::from_secs(1) / 10
+        );
+        assert_eq!(one_of_three.burst_size().get(), 3);
+
+        // Fewer messages per second than daemons: one message every few seconds each.
+        let sparse = share_of(&rate(1, 1), 4);
+        assert_eq!(sparse.replenish_interval(), Duration::from_secs(4));
+        assert_eq!(sparse.burst_size().get(), 1);
+    }
+}
