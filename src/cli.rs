@@ -366,6 +366,20 @@ fn sample_recipient(audience: Audience) -> RecipientView<'static> {
     }
 }
 
+/// Text from the database as a terminal may show it: control characters escaped, so that a
+/// producer's `kind` cannot split or forge lines of output.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if crate::outbox::schema::is_disallowed_char(c) {
+                c.escape_default().collect()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 async fn print_status<S: Store>(store: &S) -> Result<()> {
     let report = store.status().await?;
     let line = |counts: &[(String, i64)]| {
@@ -391,7 +405,7 @@ async fn print_status<S: Store>(store: &S) -> Result<()> {
     if !report.recent_failures.is_empty() {
         println!("recent failures:");
         for (what, reason) in &report.recent_failures {
-            println!("  {what}: {reason}");
+            println!("  {}: {}", printable(what), printable(reason));
         }
     }
     Ok(())

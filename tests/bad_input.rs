@@ -141,6 +141,23 @@ async fn bad_rows_fail_with_their_reason_and_good_rows_still_go_out(backend: Bac
         ),
         (
             "vxc.approved",
+            edited("vxc.approved", |p| p["reference"] = "..".into()),
+            &["\"reference\"", "cannot be a service reference"],
+        ),
+        (
+            "vxc.approved",
+            edited("vxc.approved", |p| {
+                p["customer"]["name"] = "Acme\u{2028}Networks".into()
+            }),
+            &["\"customer.name\"", "U+2028"],
+        ),
+        (
+            "x\n2026-01-01T00:00:00Z  INFO herald: delivered outbox_id=999",
+            good.clone(),
+            &["unknown kind"],
+        ),
+        (
+            "vxc.approved",
             edited("vxc.approved", |p| p["padding"] = "x".repeat(70_000).into()),
             &["larger than the limit of 65536 bytes"],
         ),
@@ -173,6 +190,11 @@ async fn bad_rows_fail_with_their_reason_and_good_rows_still_go_out(backend: Bac
     let log = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "drain failed: {log}");
 
+    assert!(
+        !log.lines()
+            .any(|line| line.starts_with("2026-01-01T00:00:00Z")),
+        "a producer's kind cannot forge a log line: {log}"
+    );
     for ((_, _, words), id) in bad.iter().zip(&bad_ids) {
         let row = env
             .rows(&format!(

@@ -410,3 +410,19 @@ fn out_of_range_durations_and_empty_variables_are_refused() {
         "{stderr}"
     );
 }
+
+#[test]
+fn an_in_memory_sqlite_database_is_refused() {
+    let copy = repo_copy();
+    let config = copy.path().join("config/herald.yaml");
+    for url in ["sqlite://", "sqlite://:memory:", "sqlite::memory:"] {
+        let text = std::fs::read_to_string(repo_path("config/herald.yaml"))
+            .unwrap()
+            .replace("sqlite://../var/herald.db", &format!("{url:?}"));
+        std::fs::write(&config, text).unwrap();
+        let output = check(copy.path());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{url} accepted");
+        assert!(stderr.contains("database.url:"), "{url}: {stderr}");
+    }
+}

@@ -235,6 +235,17 @@ async fn payload_values_are_escaped_in_html_and_never_evaluated() {
 }
 
 #[tokio::test]
+async fn a_reference_stays_one_segment_of_the_portal_link() {
+    let fixture = fixture().await;
+    let message = fixture.render_with("vxc.approved", Audience::Customer, DANA, |p| {
+        p["reference"] = "../../admin?delete=1".into();
+    });
+    let link = "https://portal.interlink.example/services/..%2F..%2Fadmin%3Fdelete%3D1";
+    assert!(message.text.contains(link), "{}", message.text);
+    assert!(message.html.contains(link));
+}
+
+#[tokio::test]
 async fn an_undefined_value_is_an_error_naming_the_template_and_line() {
     let fixture = fixture().await;
     let dir = tempfile::tempdir().unwrap();

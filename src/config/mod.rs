@@ -231,7 +231,9 @@ impl Settings {
                 HOUR,
             ),
         };
-        if !crate::store::is_supported_url(&database.url) {
+        if let Some(problem) = sqlite_url_problem(&database.url) {
+            check.problem(format!("database.url: {problem}"));
+        } else if !crate::store::is_supported_url(&database.url) {
             check.problem(format!(
                 "database.url: {:?} is not supported; use sqlite://PATH or postgres://USER@HOST/DB",
                 raw.database.url
@@ -348,6 +350,20 @@ fn normalize(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// What is wrong with a SQLite URL, if anything: herald needs a file, since an in-memory
+/// database would lose every notification when the daemon stops.
+fn sqlite_url_problem(url: &str) -> Option<&'static str> {
+    if !url.starts_with("sqlite:") {
+        return None;
+    }
+    let Some(rest) = url.strip_prefix("sqlite://") else {
+        return Some("write a SQLite database as sqlite://PATH");
+    };
+    let file = rest.split('?').next().unwrap_or_default();
+    let in_memory = file.is_empty() || file == ":memory:" || rest.contains("mode=memory");
+    in_memory.then_some("needs a file path: an in-memory database would lose every notification")
 }
 
 /// Makes a relative `sqlite://` path absolute against the configuration file's folder.

@@ -106,6 +106,8 @@ pub async fn decide<S: Store>(
     Ok(OutboxDecision::Dispatched { deliveries, note })
 }
 
+/// The outbox kind is logged in Debug form (quoted, control characters escaped): it is
+/// whatever a producer wrote, and must not be able to forge log lines.
 fn log_decision(event: &OutboxEvent, decision: &OutboxDecision) {
     match decision {
         OutboxDecision::Dispatched {
@@ -113,7 +115,7 @@ fn log_decision(event: &OutboxEvent, decision: &OutboxDecision) {
             note: None,
         } => info!(
             outbox_id = event.id,
-            kind = %event.kind,
+            kind = ?event.kind,
             deliveries = deliveries.len(),
             "outbox row dispatched"
         ),
@@ -122,14 +124,14 @@ fn log_decision(event: &OutboxEvent, decision: &OutboxDecision) {
             note: Some(note),
         } => warn!(
             outbox_id = event.id,
-            kind = %event.kind,
+            kind = ?event.kind,
             deliveries = deliveries.len(),
             note = %note,
             "outbox row dispatched, but some notifications have no recipient"
         ),
         OutboxDecision::Failed { reason } => error!(
             outbox_id = event.id,
-            kind = %event.kind,
+            kind = ?event.kind,
             reason = %reason,
             "outbox row failed: nothing will be sent for it; fix the producer and insert a corrected row"
         ),

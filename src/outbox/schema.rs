@@ -38,6 +38,9 @@ const YEARS: std::ops::RangeInclusive<i32> = 1970..=2999;
 pub enum FieldType {
     /// A non-empty string, optionally limited to a set of values.
     Text { one_of: Option<Vec<String>> },
+    /// A service reference: text that templates put into portal links as a path segment, so
+    /// it may not be `.` or `..` (which URL parsers resolve even when percent-encoded).
+    Reference,
     /// An RFC 3339 timestamp; stored for templates as UTC (`2020-05-22T04:39:00Z`).
     Datetime,
     /// A whole number within bounds.
@@ -119,7 +122,7 @@ fn common_fields() -> Vec<FieldSpec> {
         default: Value::Null,
     };
     vec![
-        required("reference", FieldType::Text { one_of: None }),
+        required("reference", FieldType::Reference),
         required("service_name", FieldType::Text { one_of: None }),
         required("customer", FieldType::Company),
         required("provider", FieldType::Company),
@@ -237,6 +240,12 @@ fn field_spec(name: &str, raw: &RawField) -> Result<FieldSpec, String> {
             spec.one_of.clone(),
         ),
     };
+    if type_name != "integer" && (min.is_some() || max.is_some()) {
+        return Err("min and max apply to integer fields only".into());
+    }
+    if type_name != "text" && one_of.is_some() {
+        return Err("one_of applies to text fields only".into());
+    }
     let ty = match type_name {
         "text" => FieldType::Text { one_of },
         "datetime" => FieldType::Datetime,
@@ -284,6 +293,16 @@ fn json_type(value: &Value) -> &'static str {
 
 fn check_value(field: &str, ty: &FieldType, value: &Value) -> Result<Value, PayloadError> {
     match ty {
+        FieldType::Reference => {
+            let text = check_text(field, value)?;
+            if text.trim_matches('.').is_empty() {
+                return Err(field_error(
+                    field,
+                    format!("{text:?} cannot be a service reference"),
+                ));
+            }
+            Ok(Value::String(text.to_string()))
+        }
         FieldType::Text { one_of } => {
             let text = check_text(field, value)?;
             if let Some(allowed) = one_of
@@ -387,10 +406,11 @@ fn check_object<'a>(field: &str, value: &'a Value) -> Result<&'a Map<String, Val
     })
 }
 
-/// Control characters (line breaks included) and the Unicode bidirectional overrides, which
-/// can make a name read differently from what it is.
+/// Control characters and line breaks (U+2028 and U+2029 included), and the Unicode
+/// bidirectional overrides, which can make a name read differently from what it is.
 pub fn is_disallowed_char(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 fn check_text<'a>(field: &str, value: &'a Value) -> Result<&'a str, PayloadError> {

@@ -38,6 +38,21 @@ pub fn add_days(value: &str, days: i64) -> Result<String, Error> {
     Ok(shifted.to_rfc3339_opts(SecondsFormat::Secs, true))
 }
 
+/// `{{ reference | path_segment }}`: percent-encodes everything but the URL's unreserved
+/// characters (`A-Z a-z 0-9 - . _ ~`), so a value stays one path segment: `/`, `?` and `#`
+/// included. (minijinja's `urlencode` leaves `/` alone.)
+pub fn path_segment(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,5 +70,12 @@ mod tests {
         );
         assert!(utc("yesterday").is_err());
         assert!(add_days("2020-05-20T09:15:00Z", i64::MAX).is_err());
+    }
+
+    #[test]
+    fn a_path_segment_cannot_leave_its_segment() {
+        assert_eq!(path_segment("5f3a9c1e"), "5f3a9c1e");
+        assert_eq!(path_segment("../../x?y=1#z"), "..%2F..%2Fx%3Fy%3D1%23z");
+        assert_eq!(path_segment("VXC 2020/é"), "VXC%202020%2F%C3%A9");
     }
 }

@@ -235,6 +235,7 @@ fn new_environment() -> Environment<'static> {
     env.add_filter("utc", filters::utc);
     env.add_filter("date", filters::date);
     env.add_filter("add_days", filters::add_days);
+    env.add_filter("path_segment", filters::path_segment);
     env
 }
 
