@@ -426,3 +426,28 @@ fn an_in_memory_sqlite_database_is_refused() {
         assert!(stderr.contains("database.url:"), "{url}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn json_logs_carry_the_delivery_fields() {
+    let env = TestEnv::new(Options::new(Sink::Files)).await;
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, format!("log:\n  format: json\n{config}")).unwrap();
+    env.enqueue_sample("vxc.speed_change_requested").await;
+    let run = env.herald(&["run", "--drain"]);
+    assert!(run.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&run.stderr)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("every log line is JSON"))
+        .collect();
+    let delivered = lines
+        .iter()
+        .find(|l| l["message"] == "delivered")
+        .expect("a delivered line");
+    assert_eq!(delivered["level"], "INFO");
+    assert_eq!(delivered["recipient"], "noc@cloudco.example");
+    assert_eq!(delivered["reference"], "5f3a9c1e");
+    assert_eq!(delivered["kind"], "vxc.speed_change_requested");
+    assert_eq!(delivered["outcome"], "sent");
+    assert_eq!(delivered["attempt"], 1);
+    assert!(delivered["outbox_id"].is_i64() && delivered["delivery_id"].is_i64());
+}

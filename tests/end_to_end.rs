@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use herald::render::PreferenceSigner;
+use herald::store::Store;
 use mail_parser::{MessageParser, MimeHeaders};
 use support::{Aiosmtpd, Backend, Options, SAMPLE_KINDS, Sink, TestEnv};
 
@@ -199,3 +200,58 @@ on_both_backends!(
     the_samples_reach_a_real_smtp_server_as_complete_messages,
     the_daemon_picks_up_new_rows_and_stops_cleanly_on_sigterm,
 );
+
+async fn non_ascii_names_and_subjects_arrive_encoded_and_readable(backend: Backend) {
+    let smtp = Aiosmtpd::start();
+    let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
+    env.execute("UPDATE herald_contacts SET name = 'Dana Ñúñez 🚀' WHERE id = 'acme-dana'")
+        .await
+        .unwrap();
+    let payload =
+        std::fs::read_to_string(support::repo_path("examples/payloads/vxc.approved.json"))
+            .unwrap()
+            .replace("Sydney to CloudCo", "Sydney → Zürich 東京");
+    env.store()
+        .await
+        .enqueue("vxc.approved", &payload, None)
+        .await
+        .unwrap();
+
+    let run = env.herald(&["run", "--drain"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let received = smtp.received();
+    let (_, bytes) = received
+        .iter()
+        .find(|(envelope, _)| envelope["rcpt_tos"][0] == "dana@acme.example")
+        .expect("Dana's copy");
+    let headers_end = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    assert!(
+        bytes[..headers_end].is_ascii(),
+        "headers are 7-bit, non-ASCII is encoded"
+    );
+
+    let message = MessageParser::default().parse(bytes).unwrap();
+    assert_eq!(
+        message.to().unwrap().first().unwrap().name(),
+        Some("Dana Ñúñez 🚀")
+    );
+    assert!(message.subject().unwrap().contains("Sydney → Zürich 東京"));
+    assert!(
+        message
+            .body_text(0)
+            .unwrap()
+            .contains("Dear Dana Ñúñez 🚀,")
+    );
+    assert!(
+        message
+            .body_html(0)
+            .unwrap()
+            .contains("Sydney → Zürich 東京")
+    );
+}
+
+on_both_backends!(non_ascii_names_and_subjects_arrive_encoded_and_readable);
