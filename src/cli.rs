@@ -1,7 +1,7 @@
 //! The command line: `herald [--config PATH] <command>`. Each command loads what it needs and
 //! reports failures as one readable message; `main` only maps the result to an exit code.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,7 +16,8 @@ use crate::config::{CONFIG_ENV, DEFAULT_CONFIG_PATH, Settings};
 use crate::directory::DirectoryFile;
 use crate::dispatch::Dispatcher;
 use crate::outbox::Audience;
-use crate::render::{PreferenceSigner, RecipientView, Renderer, TemplateSet};
+use crate::preview::{self, PreviewFormat, sample_recipient};
+use crate::render::{PreferenceSigner, Renderer, TemplateSet};
 use crate::store::{Database, Store};
 use crate::telemetry;
 
@@ -63,6 +64,20 @@ pub enum Command {
     },
     /// Show counts per state, the oldest pending work and recent failures.
     Status,
+    /// Print one notification rendered as it would be sent, with its sample payload.
+    Preview {
+        /// The notification kind, e.g. vxc.approval_required.
+        kind: String,
+        /// Which copy: provider or customer (default: the kind's first audience).
+        #[arg(long, value_parser = parse_audience)]
+        audience: Option<Audience>,
+        /// A payload file to use instead of the sample.
+        #[arg(long)]
+        payload: Option<PathBuf>,
+        /// What to print.
+        #[arg(long, value_enum, default_value = "eml")]
+        format: PreviewFormat,
+    },
     /// Preference links for the portal.
     Preferences {
         #[command(subcommand)]
@@ -166,6 +181,24 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status => {
             let store = open_existing_store(&settings).await?;
             print_status(&store).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Preview {
+            kind,
+            audience,
+            payload,
+            format,
+        } => {
+            let renderer = load_renderer(&settings)?;
+            let preview = preview::preview(
+                &settings,
+                &renderer,
+                &kind,
+                audience,
+                payload.as_deref(),
+                Utc::now(),
+            )?;
+            std::io::stdout().write_all(&preview.format(format))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Preferences {
@@ -351,19 +384,9 @@ fn check(settings: &Settings) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn sample_recipient(audience: Audience) -> RecipientView<'static> {
-    match audience {
-        Audience::Provider => RecipientView {
-            contact_id: "sample-provider",
-            name: "Sample Provider Contact",
-            email: "provider@example.com",
-        },
-        Audience::Customer => RecipientView {
-            contact_id: "sample-customer",
-            name: "Sample Customer Contact",
-            email: "customer@example.com",
-        },
-    }
+fn parse_audience(text: &str) -> Result<Audience, String> {
+    Audience::parse(text)
+        .ok_or_else(|| format!("{text:?} is not an audience; use provider or customer"))
 }
 
 /// Text from the database as a terminal may show it: control characters escaped, so that a

@@ -11,6 +11,7 @@ pub mod config;
 pub mod directory;
 pub mod dispatch;
 pub mod outbox;
+pub mod preview;
 pub mod render;
 pub mod store;
 pub mod telemetry;

@@ -36,8 +36,9 @@ fn the_demo_writes_the_five_notifications_as_eml_files() {
     let mail: Vec<_> = std::fs::read_dir(copy.path().join("var/mail"))
         .unwrap()
         .collect();
-    assert_eq!(mail.len(), 8, "five notifications to eight recipients");
-    assert_eq!(log.matches("delivered").count(), 8, "{log}");
+    // The five required notifications reach eight recipients; vxc.denied adds two more.
+    assert_eq!(mail.len(), 10, "six notifications to ten recipients");
+    assert_eq!(log.matches("delivered").count(), 10, "{log}");
 }
 
 #[test]
@@ -57,7 +58,7 @@ fn check_accepts_the_shipped_configuration() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        stdout.contains("4 kinds, 17 templates, 5 notifications rendered"),
+        stdout.contains("5 kinds, 20 templates, 6 notifications rendered"),
         "{stdout}"
     );
 }
@@ -450,4 +451,72 @@ async fn json_logs_carry_the_delivery_fields() {
     assert_eq!(delivered["outcome"], "sent");
     assert_eq!(delivered["attempt"], 1);
     assert!(delivered["outbox_id"].is_i64() && delivered["delivery_id"].is_i64());
+}
+
+#[test]
+fn preview_prints_each_notification_as_it_would_be_sent() {
+    let config = repo_path("config/herald.yaml");
+    let preview = |args: &[&str]| {
+        herald()
+            .arg("--config")
+            .arg(&config)
+            .arg("preview")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let eml = preview(&["vxc.approval_required", "--audience", "customer"]);
+    assert!(
+        eml.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eml.stderr)
+    );
+    let message = mail_parser::MessageParser::default()
+        .parse(&eml.stdout)
+        .unwrap();
+    assert!(
+        message
+            .subject()
+            .unwrap()
+            .starts_with("VXC awaiting approval")
+    );
+    assert_eq!(
+        message.to().unwrap().first().unwrap().address(),
+        Some("customer@example.com")
+    );
+    assert!(message.body_html(0).unwrap().contains("2020-07-19"));
+
+    let text = String::from_utf8(preview(&["vxc.service_up", "--format", "text"]).stdout).unwrap();
+    assert!(
+        text.starts_with("Service up: Sydney to CloudCo (5f3a9c1e)\n\n"),
+        "{text}"
+    );
+    assert!(text.contains("2020-05-22 04:39:00 UTC"));
+
+    let html = String::from_utf8(preview(&["vxc.denied", "--format", "html"]).stdout).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>") && html.contains("reserved for another customer"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let own = dir.path().join("payload.json");
+    let sample = std::fs::read_to_string(repo_path(
+        "examples/payloads/vxc.speed_change_requested.json",
+    ))
+    .unwrap();
+    std::fs::write(&own, sample.replace("2000", "5000")).unwrap();
+    let custom = preview(&[
+        "vxc.speed_change_requested",
+        "--payload",
+        own.to_str().unwrap(),
+        "--format",
+        "text",
+    ]);
+    assert!(String::from_utf8_lossy(&custom.stdout).contains("5000 Mbps"));
+
+    let wrong = preview(&["vxc.approved", "--audience", "provider"]);
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr)
+            .contains("has no provider audience; it goes to: customer")
+    );
 }

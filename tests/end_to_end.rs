@@ -187,7 +187,7 @@ async fn the_daemon_picks_up_new_rows_and_stops_cleanly_on_sigterm(backend: Back
         "config=",
         "database=",
         "transport=smtp://127.0.0.1:",
-        "templates=17",
+        "templates=20",
     ] {
         assert!(started.contains(field), "{field} missing from {started}");
     }

@@ -166,6 +166,22 @@ async fn speed_change_requested_to_the_provider() {
 }
 
 #[tokio::test]
+async fn denied_to_the_customer_a_kind_added_without_code() {
+    let fixture = fixture().await;
+    let message = fixture.render("vxc.denied", Audience::Customer, DANA);
+    insta::assert_snapshot!(snapshot(&message));
+    for part in [&message.text, &message.html] {
+        assert!(part.contains("did not approve") && part.contains("5f3a9c1e"));
+        assert!(part.contains("2020-05-21 08:30:00 UTC"));
+        assert!(part.contains("reserved for another customer"));
+    }
+    let without_reason = fixture.render_with("vxc.denied", Audience::Customer, DANA, |p| {
+        p.as_object_mut().unwrap().remove("denial_reason");
+    });
+    assert!(!without_reason.text.contains("Their reason"));
+}
+
+#[tokio::test]
 async fn every_email_has_the_shared_layout_and_a_signed_preference_link() {
     let fixture = fixture().await;
     let signer = PreferenceSigner::new(
