@@ -16,8 +16,8 @@ use crate::config::{CONFIG_ENV, DEFAULT_CONFIG_PATH, Settings};
 use crate::directory::DirectoryFile;
 use crate::dispatch::Dispatcher;
 use crate::outbox::Audience;
-use crate::preview::{self, PreviewFormat, sample_recipient};
-use crate::render::{PreferenceSigner, Renderer, TemplateSet};
+use crate::preview::{self, PreviewFormat};
+use crate::render::{PreferenceSigner, Renderer, TemplateSet, reload};
 use crate::store::{Database, Store};
 use crate::telemetry;
 
@@ -238,10 +238,26 @@ async fn open_existing_store(settings: &Settings) -> Result<Database> {
     Ok(store)
 }
 
-fn load_renderer(settings: &Settings) -> Result<Renderer> {
-    let templates = TemplateSet::load(&settings.templates_dir, &settings.catalog)?;
+/// A renderer with no templates yet: what a template set is validated with.
+fn load_renderer_unchecked(settings: &Settings) -> Renderer {
     let signer = PreferenceSigner::new(&settings.preferences.url, &settings.preferences.secret);
-    Ok(Renderer::new(templates, settings.brand.clone(), signer))
+    Renderer::new(TemplateSet::empty(), settings.brand.clone(), signer)
+}
+
+/// A renderer with the validated template set: the same path as `check` and every reload.
+fn load_renderer(settings: &Settings) -> Result<Renderer> {
+    let renderer = load_renderer_unchecked(settings);
+    match reload::load_validated(settings, &renderer) {
+        Ok(validated) => {
+            renderer.replace_templates(validated.set);
+            Ok(renderer)
+        }
+        Err(problems) => bail!(
+            "the templates do not validate ({} problem(s)); run `herald check` to see them again:\n  - {}",
+            problems.len(),
+            problems.join("\n  - ")
+        ),
+    }
 }
 
 async fn run_daemon(settings: Settings, drain: bool) -> Result<ExitCode> {
@@ -274,7 +290,15 @@ async fn run_daemon(settings: Settings, drain: bool) -> Result<ExitCode> {
         stop.send_replace(true);
     });
 
-    let dispatcher = Dispatcher::new(store.clone(), Arc::new(settings), renderer);
+    let settings = Arc::new(settings);
+    if !drain {
+        tokio::spawn(reload::watch_templates(
+            settings.clone(),
+            renderer.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let dispatcher = Dispatcher::new(store.clone(), settings, renderer);
     if drain {
         let summary = dispatcher.drain(shutdown).await?;
         info!(
@@ -318,57 +342,11 @@ fn read_payload(path: &Path) -> Result<String> {
 /// templates and, when sample payloads are configured, render each template of every
 /// notification with them. Every problem is listed, each once.
 fn check(settings: &Settings) -> Result<ExitCode> {
-    let (templates, compile_problems) =
-        TemplateSet::load_all(&settings.templates_dir, &settings.catalog);
-    let template_count = templates.len();
-    let signer = PreferenceSigner::new(&settings.preferences.url, &settings.preferences.secret);
-    let renderer = Renderer::new(templates, settings.brand.clone(), signer);
-    let in_templates =
-        |problem: &dyn std::fmt::Display| format!("{}/{problem}", settings.templates_dir.display());
-    let mut problems: Vec<String> = compile_problems.iter().map(|p| in_templates(p)).collect();
-
-    let mut rendered = 0;
-    for spec in settings.catalog.specs() {
-        let Some(samples) = &settings.samples_dir else {
-            break;
-        };
-        let sample = samples.join(format!("{}.json", spec.kind));
-        let payload = match std::fs::read(&sample) {
-            Ok(bytes) => bytes,
-            Err(err) => {
-                problems.push(format!(
-                    "{}: cannot read the sample payload: {err}",
-                    sample.display()
-                ));
-                continue;
-            }
-        };
-        let payload = match settings.catalog.validate(&spec.kind, &payload) {
-            Ok((_, payload)) => payload,
-            Err(err) => {
-                problems.push(format!("{}: {err}", sample.display()));
-                continue;
-            }
-        };
-        for &audience in &spec.audiences {
-            let recipient = sample_recipient(audience);
-            let errors = renderer.check(&spec.kind, audience, &payload, recipient, Utc::now());
-            if errors.is_empty() {
-                rendered += 1;
-            }
-            // A template that failed to compile or is missing was reported above.
-            for error in errors
-                .iter()
-                .filter(|e| !e.reason.starts_with("template not found"))
-            {
-                let problem = in_templates(error);
-                if !problems.contains(&problem) {
-                    problems.push(problem);
-                }
-            }
-        }
-    }
-
+    let renderer = load_renderer_unchecked(settings);
+    let (template_count, rendered, problems) = match reload::load_validated(settings, &renderer) {
+        Ok(validated) => (validated.set.len(), validated.rendered, Vec::new()),
+        Err(problems) => (0, 0, problems),
+    };
     if !problems.is_empty() {
         bail!(
             "{} problem(s):\n  - {}",

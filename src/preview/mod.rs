@@ -9,7 +9,8 @@ use chrono::{DateTime, Utc};
 use crate::config::Settings;
 use crate::outbox::{Audience, PayloadError};
 use crate::render::message::{Envelope, build_message};
-use crate::render::{RecipientView, RenderedMessage, Renderer, TemplateError};
+pub use crate::render::sample_recipient;
+use crate::render::{RenderedMessage, Renderer, TemplateError};
 
 /// What a preview prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -64,22 +65,6 @@ pub enum PreviewError {
     Payload { path: String, source: PayloadError },
     #[error(transparent)]
     Template(#[from] TemplateError),
-}
-
-/// A recipient for previews and checks: no real contact's name, address or preference link.
-pub fn sample_recipient(audience: Audience) -> RecipientView<'static> {
-    match audience {
-        Audience::Provider => RecipientView {
-            contact_id: "sample-provider",
-            name: "Sample Provider Contact",
-            email: "provider@example.com",
-        },
-        Audience::Customer => RecipientView {
-            contact_id: "sample-customer",
-            name: "Sample Customer Contact",
-            email: "customer@example.com",
-        },
-    }
 }
 
 /// Renders `kind` for `audience` (the kind's first audience when `None`) with the payload at

@@ -7,9 +7,11 @@
 mod filters;
 pub mod message;
 pub mod preferences;
+pub mod reload;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Datelike, Utc};
 use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value};
@@ -200,6 +202,14 @@ impl TemplateSet {
         (Self { env, count }, problems)
     }
 
+    /// A set with no templates, until a validated one replaces it.
+    pub fn empty() -> Self {
+        Self {
+            env: new_environment(),
+            count: 0,
+        }
+    }
+
     /// How many template files were compiled.
     pub fn len(&self) -> usize {
         self.count
@@ -300,7 +310,9 @@ fn collect_template_files(
 /// Renders notifications with a template set, the brand and the preference-link signer.
 #[derive(Debug)]
 pub struct Renderer {
-    templates: TemplateSet,
+    /// The set in use. A render takes its own reference first and uses that set from start
+    /// to end, so a reload in the middle of a message never mixes two sets.
+    templates: RwLock<Arc<TemplateSet>>,
     brand: Brand,
     signer: PreferenceSigner,
 }
@@ -308,14 +320,26 @@ pub struct Renderer {
 impl Renderer {
     pub fn new(templates: TemplateSet, brand: Brand, signer: PreferenceSigner) -> Self {
         Self {
-            templates,
+            templates: RwLock::new(Arc::new(templates)),
             brand,
             signer,
         }
     }
 
-    pub fn templates(&self) -> &TemplateSet {
-        &self.templates
+    /// The template set in use now.
+    pub fn templates(&self) -> Arc<TemplateSet> {
+        self.templates
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Puts a new template set in use, in one step: the next render uses it.
+    pub fn replace_templates(&self, templates: TemplateSet) {
+        *self
+            .templates
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(templates);
     }
 
     pub fn brand(&self) -> &Brand {
@@ -332,19 +356,22 @@ impl Renderer {
         recipient: RecipientView<'_>,
         now: DateTime<Utc>,
     ) -> Result<RenderedMessage, TemplateError> {
+        let templates = self.templates();
         let context = self.context(kind, audience, payload, recipient, now);
         let [subject, text, html] = template_names(kind, audience);
         Ok(RenderedMessage {
-            subject: single_line(&self.templates.render(&subject, &context)?),
-            text: self.templates.render(&text, &context)?,
-            html: self.templates.render(&html, &context)?,
+            subject: single_line(&templates.render(&subject, &context)?),
+            text: templates.render(&text, &context)?,
+            html: templates.render(&html, &context)?,
         })
     }
 
-    /// Renders each of a notification's three templates on its own and returns every error,
-    /// not only the first: what `herald check` reports.
+    /// Renders each of a notification's three templates from `templates` (in use or not) on
+    /// its own and returns every error, not only the first: what `herald check` and a reload
+    /// report.
     pub fn check(
         &self,
+        templates: &TemplateSet,
         kind: &str,
         audience: Audience,
         payload: &Payload,
@@ -352,10 +379,23 @@ impl Renderer {
         now: DateTime<Utc>,
     ) -> Vec<TemplateError> {
         let context = self.context(kind, audience, payload, recipient, now);
-        template_names(kind, audience)
-            .iter()
-            .filter_map(|name| self.templates.render(name, &context).err())
-            .collect()
+        let [subject, text, html] = template_names(kind, audience);
+        let mut errors = Vec::new();
+        match templates.render(&subject, &context) {
+            Ok(rendered) if single_line(&rendered).is_empty() => errors.push(TemplateError {
+                template: subject,
+                line: None,
+                reason: "renders an empty subject".into(),
+            }),
+            Ok(_) => {}
+            Err(err) => errors.push(err),
+        }
+        errors.extend(
+            [text, html]
+                .iter()
+                .filter_map(|name| templates.render(name, &context).err()),
+        );
+        errors
     }
 
     fn context(
@@ -385,6 +425,23 @@ impl Renderer {
         );
         context.insert("year".into(), now.year().into());
         Value::from(minijinja::value::Serde(context))
+    }
+}
+
+/// A recipient for previews and validation: no real contact's name, address or preference
+/// link.
+pub fn sample_recipient(audience: Audience) -> RecipientView<'static> {
+    match audience {
+        Audience::Provider => RecipientView {
+            contact_id: "sample-provider",
+            name: "Sample Provider Contact",
+            email: "provider@example.com",
+        },
+        Audience::Customer => RecipientView {
+            contact_id: "sample-customer",
+            name: "Sample Customer Contact",
+            email: "customer@example.com",
+        },
     }
 }
 

@@ -93,6 +93,8 @@ pub struct Options {
     pub initial_backoff: &'static str,
     pub per_second: u32,
     pub smtp_timeout: &'static str,
+    /// The templates folder; the repository's own when `None`.
+    pub templates: Option<PathBuf>,
 }
 
 impl Options {
@@ -109,6 +111,7 @@ impl Options {
             initial_backoff: "100ms",
             per_second: 1000,
             smtp_timeout: "5s",
+            templates: None,
         }
     }
 }
@@ -337,7 +340,11 @@ fn config_yaml(dir: &Path, database_url: &str, options: &Options) -> String {
         per_second = options.per_second,
         max_attempts = options.max_attempts,
         backoff = options.initial_backoff,
-        templates = repo_path("templates").display(),
+        templates = options
+            .templates
+            .clone()
+            .unwrap_or_else(|| repo_path("templates"))
+            .display(),
         samples = repo_path("examples/payloads").display(),
     )
 }
