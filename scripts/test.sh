@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs every test. First makes sure the tests' one outside dependency is present: Python's
-# aiosmtpd, the real SMTP server the end-to-end tests deliver to. It is installed into a
-# virtual environment under target/ (so the system Python is left alone); re-running is a
-# no-op once it is there. Extra arguments go to `cargo test`.
+# Runs every test. First makes sure what the tests need from outside is present, each step a
+# no-op once done: Python's aiosmtpd (the real SMTP server the end-to-end tests deliver to), in
+# a virtual environment under target/ so the system Python is left alone; Debian's chromium
+# and chromium-driver for the preview page (installed with apt-get, as root); and a running
+# local PostgreSQL server. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,13 @@ if ! "$venv/bin/python" -c 'import aiosmtpd' 2>/dev/null; then
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'aiosmtpd>=1.4,<2'
 fi
 export HERALD_TEST_PYTHON="$PWD/$venv/bin/python"
+
+# The preview page is tested in a real headless browser: Debian's Chromium and its driver.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    echo "scripts/test.sh: installing chromium and chromium-driver" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 
 # The PostgreSQL half of the suite runs against this server (each test makes and drops its
 # own database). Set HERALD_TEST_POSTGRES to another admin URL, or to the empty string to

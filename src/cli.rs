@@ -64,10 +64,15 @@ pub enum Command {
     },
     /// Show counts per state, the oldest pending work and recent failures.
     Status,
-    /// Print one notification rendered as it would be sent, with its sample payload.
+    /// Print one notification rendered as it would be sent, with its sample payload; or, with
+    /// --serve, show them all on a local page that follows template edits.
     Preview {
-        /// The notification kind, e.g. vxc.approval_required.
-        kind: String,
+        /// The notification kind, e.g. vxc.approval_required (not with --serve).
+        #[arg(required_unless_present = "serve")]
+        kind: Option<String>,
+        /// Serve the preview page on this address (loopback by default).
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:8025")]
+        serve: Option<String>,
         /// Which copy: provider or customer (default: the kind's first audience).
         #[arg(long, value_parser = parse_audience)]
         audience: Option<Audience>,
@@ -184,11 +189,16 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Preview {
+            serve: Some(addr), ..
+        } => serve_preview(settings, &addr).await,
+        Command::Preview {
             kind,
             audience,
             payload,
             format,
+            ..
         } => {
+            let kind = kind.expect("clap requires KIND without --serve");
             let renderer = load_renderer(&settings)?;
             let preview = preview::preview(
                 &settings,
@@ -260,6 +270,39 @@ fn load_renderer(settings: &Settings) -> Result<Renderer> {
     }
 }
 
+/// `herald preview --serve ADDR`: the preview page, following template edits like the daemon.
+/// A set that does not validate at start is shown as problems on the page, not refused.
+async fn serve_preview(settings: Settings, addr: &str) -> Result<ExitCode> {
+    let renderer = load_renderer_unchecked(&settings);
+    let (status, status_seen) = watch::channel(reload::ReloadStatus::default());
+    match reload::load_validated(&settings, &renderer) {
+        Ok(validated) => renderer.replace_templates(validated.set),
+        Err(problems) => status.send_modify(|s| s.problems = problems),
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the preview page"))?;
+    let (settings, renderer) = (Arc::new(settings), Arc::new(renderer));
+    let (stop, shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        stop.send_replace(true);
+    });
+    tokio::spawn(reload::watch_templates(
+        settings.clone(),
+        renderer.clone(),
+        status,
+        shutdown.clone(),
+    ));
+    let site = preview::server::PreviewSite {
+        settings,
+        renderer,
+        status: status_seen,
+    };
+    preview::server::serve(listener, site, shutdown).await;
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn run_daemon(settings: Settings, drain: bool) -> Result<ExitCode> {
     let renderer = Arc::new(load_renderer(&settings)?);
     let store = open_store(&settings).await?;
@@ -292,9 +335,12 @@ async fn run_daemon(settings: Settings, drain: bool) -> Result<ExitCode> {
 
     let settings = Arc::new(settings);
     if !drain {
+        // Nobody shows the reload status in the daemon: the log says it all.
+        let (status, _) = watch::channel(reload::ReloadStatus::default());
         tokio::spawn(reload::watch_templates(
             settings.clone(),
             renderer.clone(),
+            status,
             shutdown.clone(),
         ));
     }

@@ -292,11 +292,17 @@ fn check_goes_on_past_a_broken_template_and_names_undefined_values() {
         "{{ event_at | utc }}",
         "{{ event_at | utcc }}",
     );
+    edit("vxc.denied/customer.txt", "layout.txt", "nolayout.txt");
 
     let output = check(copy.path());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("4 problem(s)"), "{stderr}");
+    assert!(stderr.contains("5 problem(s)"), "{stderr}");
+    assert!(
+        stderr.contains("vxc.denied/customer.txt:1: template not found")
+            && stderr.contains("nolayout.txt"),
+        "a layout that does not exist is reported: {stderr}"
+    );
     assert!(stderr.contains("vxc.approved/customer.txt:"), "{stderr}");
     assert!(
         stderr.contains("provider.subject.txt:1: undefined value: `refrence` is undefined"),

@@ -194,6 +194,27 @@ async fn a_broken_save_is_rejected_and_the_last_good_set_keeps_serving() {
             .any(|(_, s)| s.starts_with("FIXED"))
     );
 
+    // Let the last enqueued rows go out, then check that none was lost or held back.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let rows = author
+        .env
+        .rows(
+            "SELECT CAST(count(*) AS TEXT), CAST(sum(state = 'sent') AS TEXT), \
+             CAST(max((julianday(sent_at) - julianday(created_at)) * 86400000) AS TEXT) \
+             FROM herald_deliveries",
+        )
+        .await;
+    let [total, sent, slowest_ms] = [0, 1, 2].map(|i| rows[0][i].clone().unwrap());
+    assert_eq!(total, sent, "every delivery was sent");
+    let slowest_ms: f64 = slowest_ms.parse().unwrap();
+    eprintln!(
+        "{total} deliveries around a broken save; slowest from planning to sent: {slowest_ms:.0} ms"
+    );
+    assert!(
+        slowest_ms < 2000.0,
+        "no delivery was held up: {slowest_ms} ms"
+    );
+
     let log = author.stop().await;
     let problem = log
         .lines()
@@ -235,6 +256,47 @@ async fn a_hundred_rapid_saves_make_few_reloads_and_the_last_wins() {
             .subjects()
             .iter()
             .all(|(_, s)| s.starts_with("SAVE-100 ")),
+        "{:?}",
+        author.subjects()
+    );
+    author.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_writer_ends_with_its_finished_file_in_use() {
+    use std::io::Write;
+    let author = Author::start().await;
+    // One open handle, written in pieces for well over the debounce limit: reloads may pick
+    // up a piece on the way, but the close that ends the write must bring the whole file.
+    let mut file = std::fs::File::create(author.subject_file()).unwrap();
+    for piece in [
+        "SLOW ",
+        "{{ reference }} ",
+        "one ",
+        "two ",
+        "three ",
+        "four ",
+        "five ",
+        "END",
+    ] {
+        file.write_all(piece.as_bytes()).unwrap();
+        file.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    drop(file);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    author.env.enqueue_sample("vxc.approved").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while author.subjects().len() < 2 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        author
+            .subjects()
+            .iter()
+            .all(|(_, s)| s.ends_with("one two three four five END")),
         "{:?}",
         author.subjects()
     );

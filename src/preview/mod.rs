@@ -1,6 +1,9 @@
 //! Previews for template authors: one notification rendered exactly as it would be sent, with
 //! the sample payload that ships with the templates (or one of the author's), to a sample
-//! recipient. `herald preview` prints it.
+//! recipient. `herald preview` prints it; `herald preview --serve` shows them all on a local
+//! page ([`server`]).
+
+pub mod server;
 
 use std::path::Path;
 
@@ -56,13 +59,11 @@ pub enum PreviewError {
     },
     #[error("no sample payload: set templates.samples, or pass --payload FILE")]
     NoSamples,
-    #[error("cannot read payload {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("payload {path}: {source}")]
-    Payload { path: String, source: PayloadError },
+    // The causes are part of the message, not `source`s, so that they print once.
+    #[error("cannot read payload {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("payload {path}: {problem}")]
+    Payload { path: String, problem: PayloadError },
     #[error(transparent)]
     Template(#[from] TemplateError),
 }
@@ -109,17 +110,17 @@ pub fn preview(
             .join(format!("{kind}.json")),
     };
     let shown = path.display().to_string();
-    let bytes = std::fs::read(&path).map_err(|source| PreviewError::Read {
+    let bytes = std::fs::read(&path).map_err(|error| PreviewError::Read {
         path: shown.clone(),
-        source,
+        error,
     })?;
     let (_, payload) =
         settings
             .catalog
             .validate(kind, &bytes)
-            .map_err(|source| PreviewError::Payload {
+            .map_err(|problem| PreviewError::Payload {
                 path: shown,
-                source,
+                problem,
             })?;
 
     let recipient = sample_recipient(audience);

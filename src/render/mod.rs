@@ -158,7 +158,7 @@ impl TemplateSet {
         let mut files = Vec::new();
         if let Err(err) = collect_template_files(dir, dir, &mut files) {
             problems.push(TemplateError {
-                template: dir.display().to_string(),
+                template: ".".to_string(),
                 line: None,
                 reason: format!("cannot read the templates folder: {err}"),
             });

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
@@ -22,6 +23,22 @@ use crate::config::Settings;
 const QUIET: Duration = Duration::from_millis(100);
 /// A reload happens at the latest this long after the first change, however busy the folder.
 const LONGEST_WAIT: Duration = Duration::from_millis(500);
+
+/// The outcome of the latest reload, for whoever shows it (the preview page).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadStatus {
+    /// Counts reload attempts, so a page can tell that something happened.
+    pub version: u64,
+    /// Why the latest attempt was rejected; empty when it was taken.
+    pub problems: Vec<String>,
+}
+
+impl ReloadStatus {
+    fn record(&mut self, problems: Vec<String>) {
+        self.version += 1;
+        self.problems = problems;
+    }
+}
 
 /// A template set and how many notifications were rendered to validate it.
 pub struct Validated {
@@ -36,6 +53,13 @@ pub fn load_validated(settings: &Settings, renderer: &Renderer) -> Result<Valida
     let in_folder =
         |problem: &dyn std::fmt::Display| format!("{}/{problem}", settings.templates_dir.display());
     let mut problems: Vec<String> = compile_problems.iter().map(|p| in_folder(p)).collect();
+    // Templates already reported as broken or missing; a render that fails only because it
+    // needs one of them adds nothing. Any other missing template (a layout that does not
+    // exist) is a problem of its own.
+    let reported: Vec<String> = compile_problems
+        .iter()
+        .map(|p| format!("\"{}\"", p.template))
+        .collect();
 
     let mut rendered = 0;
     for spec in settings.catalog.specs() {
@@ -67,11 +91,12 @@ pub fn load_validated(settings: &Settings, renderer: &Renderer) -> Result<Valida
             if errors.is_empty() {
                 rendered += 1;
             }
-            // A template that failed to compile or is missing was reported above.
-            for error in errors
-                .iter()
-                .filter(|e| !e.reason.starts_with("template not found"))
-            {
+            let consequence = |e: &&super::TemplateError| {
+                e.reason.starts_with("template not found")
+                    && (reported.iter().any(|name| e.reason.contains(name.as_str()))
+                        || compile_problems.iter().any(|p| p.template == e.template))
+            };
+            for error in errors.iter().filter(|e| !consequence(e)) {
                 let problem = in_folder(error);
                 if !problems.contains(&problem) {
                     problems.push(problem);
@@ -95,13 +120,22 @@ pub fn load_validated(settings: &Settings, renderer: &Renderer) -> Result<Valida
 pub async fn watch_templates(
     settings: Arc<Settings>,
     renderer: Arc<Renderer>,
+    status: watch::Sender<ReloadStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (tx, mut changes) = mpsc::unbounded_channel::<PathBuf>();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // notify calls this on its own thread; hand the paths over to the async side.
+        // A file closed after writing is a change too: it is the one event that says a slow
+        // writer has finished.
+        let finished_writing = |kind: &EventKind| {
+            matches!(
+                kind,
+                EventKind::Access(AccessKind::Close(AccessMode::Write))
+            )
+        };
         if let Ok(event) = event
-            && !matches!(event.kind, EventKind::Access(_))
+            && (!matches!(event.kind, EventKind::Access(_)) || finished_writing(&event.kind))
         {
             for path in event.paths.into_iter().filter(|p| !is_editor_scratch(p)) {
                 drop(tx.send(path));
@@ -157,6 +191,7 @@ pub async fn watch_templates(
             Ok(Ok(validated)) => {
                 let files = validated.set.len();
                 renderer.replace_templates(validated.set);
+                status.send_modify(|status| status.record(Vec::new()));
                 info!(
                     changed = %changed.join(", "),
                     files,
@@ -174,6 +209,7 @@ pub async fn watch_templates(
                 for problem in &problems {
                     error!(problem = %problem, "template problem");
                 }
+                status.send_modify(|status| status.record(problems));
             }
             Err(err) => {
                 warn!(error = %err, "template reload task failed; the last good set keeps serving")
