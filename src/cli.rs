@@ -276,8 +276,17 @@ async fn serve_preview(settings: Settings, addr: &str) -> Result<ExitCode> {
     let renderer = load_renderer_unchecked(&settings);
     let (status, status_seen) = watch::channel(reload::ReloadStatus::default());
     match reload::load_validated(&settings, &renderer) {
-        Ok(validated) => renderer.replace_templates(validated.set),
-        Err(problems) => status.send_modify(|s| s.problems = problems),
+        Ok(validated) => {
+            renderer.replace_templates(validated.set);
+            status.send_modify(|s| s.good_set = true);
+        }
+        Err(problems) => {
+            // Show what does compile, so that the notifications that are fine still render.
+            renderer.replace_templates(
+                TemplateSet::load_all(&settings.templates_dir, &settings.catalog).0,
+            );
+            status.send_modify(|s| s.problems = problems);
+        }
     }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -336,7 +345,10 @@ async fn run_daemon(settings: Settings, drain: bool) -> Result<ExitCode> {
     let settings = Arc::new(settings);
     if !drain {
         // Nobody shows the reload status in the daemon: the log says it all.
-        let (status, _) = watch::channel(reload::ReloadStatus::default());
+        let (status, _) = watch::channel(reload::ReloadStatus {
+            good_set: true,
+            ..Default::default()
+        });
         tokio::spawn(reload::watch_templates(
             settings.clone(),
             renderer.clone(),

@@ -223,6 +223,7 @@ async fn the_daemon_rides_out_a_server_outage(backend: Backend) {
     let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
     smtp.stop();
     let mut daemon = tokio::process::Command::from(env.herald_command(&["run"]))
+        .kill_on_drop(true)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -259,6 +260,7 @@ async fn sigterm_mid_send_finishes_the_send_and_releases_the_rest(backend: Backe
         env.enqueue_sample(kind).await;
     }
     let mut daemon = tokio::process::Command::from(env.herald_command(&["run"]))
+        .kill_on_drop(true)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();

@@ -37,6 +37,7 @@ async fn count(env: &TestEnv, sql: &str) -> usize {
 fn spawn_daemon(env: &TestEnv, log: &str) -> tokio::process::Child {
     let log = std::fs::File::create(env.dir.path().join(log)).unwrap();
     tokio::process::Command::from(env.herald_command(&["run"]))
+        .kill_on_drop(true)
         .stderr(Stdio::from(log))
         .spawn()
         .unwrap()

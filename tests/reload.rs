@@ -27,6 +27,7 @@ impl Author {
         let env = TestEnv::new(options).await;
         let log = env.dir.path().join("daemon.log");
         let daemon = tokio::process::Command::from(env.herald_command(&["run"]))
+            .kill_on_drop(true)
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
             .spawn()
             .unwrap();
@@ -300,5 +301,36 @@ async fn a_slow_writer_ends_with_its_finished_file_in_use() {
         "{:?}",
         author.subjects()
     );
+    author.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_templates_folder_is_watched_again() {
+    let author = Author::start().await;
+    // Replace the folder as a whole, as restoring a backup or a deploy does.
+    let aside = author.env.dir.path().join("templates-old");
+    std::fs::rename(&author.templates, &aside).unwrap();
+    copy_tree(&aside, &author.templates);
+    author.wait_for_log("watching the new one", 1).await;
+
+    // Edits in the new folder are followed.
+    save_by_rename(&author.subject_file(), "AFTER-REPLACE {{ reference }}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        author.env.enqueue_sample("vxc.approved").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if author
+            .subjects()
+            .iter()
+            .any(|(_, s)| s.starts_with("AFTER-REPLACE"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "an edit in the replaced folder was never used"
+        );
+    }
+    std::fs::remove_dir_all(&aside).unwrap();
     author.stop().await;
 }

@@ -152,11 +152,17 @@ fn page(site: &PreviewSite) -> String {
         dir = escape(&site.settings.templates_dir.display().to_string()),
     );
     if !status.problems.is_empty() {
+        let explanation = if status.good_set {
+            "The last save was rejected; the daemon keeps sending with the last good set, \
+             shown below."
+        } else {
+            "No set has validated since this page started, and the daemon would refuse to start \
+             with this one. Below, each notification as far as it renders."
+        };
         let _ = write!(
             html,
             "<section class=\"problems\" id=\"problems\"><h2>The templates do not validate</h2>\
-             <p>The last save was rejected; the daemon keeps sending with the last good set, \
-             shown below.</p><ul>"
+             <p>{explanation}</p><ul>"
         );
         for problem in &status.problems {
             let _ = write!(html, "<li><code>{}</code></li>", escape(problem));

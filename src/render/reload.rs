@@ -31,11 +31,14 @@ pub struct ReloadStatus {
     pub version: u64,
     /// Why the latest attempt was rejected; empty when it was taken.
     pub problems: Vec<String>,
+    /// Whether a set that validated is in use (false when none has validated since start).
+    pub good_set: bool,
 }
 
 impl ReloadStatus {
     fn record(&mut self, problems: Vec<String>) {
         self.version += 1;
+        self.good_set |= problems.is_empty();
         self.problems = problems;
     }
 }
@@ -123,6 +126,10 @@ pub async fn watch_templates(
     status: watch::Sender<ReloadStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Absolute paths: the folder's parent is watched too, and events are matched by prefix.
+    let folder = std::path::absolute(&settings.templates_dir)
+        .unwrap_or_else(|_| settings.templates_dir.clone());
+    let in_folder = folder.clone();
     let (tx, mut changes) = mpsc::unbounded_channel::<PathBuf>();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // notify calls this on its own thread; hand the paths over to the async side.
@@ -137,7 +144,11 @@ pub async fn watch_templates(
         if let Ok(event) = event
             && (!matches!(event.kind, EventKind::Access(_)) || finished_writing(&event.kind))
         {
-            for path in event.paths.into_iter().filter(|p| !is_editor_scratch(p)) {
+            // The folder itself (moved, deleted, created) always counts, whatever its name.
+            let relevant = |p: &PathBuf| {
+                *p == in_folder || (p.starts_with(&in_folder) && !is_editor_scratch(p))
+            };
+            for path in event.paths.into_iter().filter(relevant) {
                 drop(tx.send(path));
             }
         }
@@ -149,15 +160,23 @@ pub async fn watch_templates(
             return;
         }
     };
-    if let Err(err) = watcher.watch(&settings.templates_dir, RecursiveMode::Recursive) {
+    if let Err(err) = watcher.watch(&folder, RecursiveMode::Recursive) {
         error!(
             error = %err,
-            folder = %settings.templates_dir.display(),
+            folder = %folder.display(),
             "cannot watch the templates folder (on Linux, \"No space left on device\" means the inotify watch limit); template changes need a restart"
         );
         return;
     }
-    info!(folder = %settings.templates_dir.display(), "watching templates for changes");
+    // The parent too (not recursively), so that a folder replaced as a whole (moved away and
+    // copied back, restored from a backup) is noticed and watched again.
+    if let Some(parent) = folder.parent()
+        && let Err(err) = watcher.watch(parent, RecursiveMode::NonRecursive)
+    {
+        warn!(error = %err, "cannot watch the templates folder's parent; replacing the whole folder will need a restart");
+    }
+    let mut watched = folder_identity(&folder);
+    info!(folder = %folder.display(), "watching templates for changes");
 
     loop {
         let first = tokio::select! {
@@ -174,10 +193,25 @@ pub async fn watch_templates(
                 Ok(None) | Err(_) => break,
             }
         }
+        // A new folder in place of the old one: the old watch went with the old folder.
+        let now_there = folder_identity(&folder);
+        if now_there.is_some() && now_there != watched {
+            drop(watcher.unwatch(&folder));
+            match watcher.watch(&folder, RecursiveMode::Recursive) {
+                Ok(()) => {
+                    info!(folder = %folder.display(), "the templates folder was replaced; watching the new one");
+                    watched = now_there;
+                }
+                Err(err) => {
+                    error!(error = %err, "cannot watch the new templates folder; template changes need a restart")
+                }
+            }
+        }
+
         let changed: Vec<String> = changed
             .iter()
             .map(|path| {
-                path.strip_prefix(&settings.templates_dir)
+                path.strip_prefix(&folder)
                     .unwrap_or(path)
                     .display()
                     .to_string()
@@ -216,6 +250,12 @@ pub async fn watch_templates(
             }
         }
     }
+}
+
+/// Which folder is at `path` now (device and inode), to tell when it was replaced.
+fn folder_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Names editors use for scratch and backup files (vim's `.swp` and `4913` probe, `file~`,
