@@ -86,6 +86,17 @@ impl Author {
         subjects
     }
 
+    /// Enqueues one vxc.approved row and waits for its two messages.
+    async fn send_one_and_wait(&self) {
+        let before = self.subjects().len();
+        self.env.enqueue_sample("vxc.approved").await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.subjects().len() < before + 2 {
+            assert!(Instant::now() < deadline, "the two messages never came");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn stop(mut self) -> String {
         support::terminate(self.daemon.id().unwrap());
         assert!(self.daemon.wait().await.unwrap().success());
@@ -246,12 +257,7 @@ async fn a_hundred_rapid_saves_make_few_reloads_and_the_last_wins() {
     eprintln!("100 saves: {reloads} reloads, {rejected} rejected");
     assert!((1..=10).contains(&reloads), "{reloads} reloads");
 
-    author.env.enqueue_sample("vxc.approved").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while author.subjects().len() < 2 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    author.send_one_and_wait().await;
     assert!(
         author
             .subjects()
@@ -287,12 +293,7 @@ async fn a_slow_writer_ends_with_its_finished_file_in_use() {
     drop(file);
     tokio::time::sleep(Duration::from_millis(1000)).await;
 
-    author.env.enqueue_sample("vxc.approved").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while author.subjects().len() < 2 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    author.send_one_and_wait().await;
     assert!(
         author
             .subjects()

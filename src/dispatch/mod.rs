@@ -7,7 +7,6 @@ pub mod planner;
 pub mod retry;
 pub mod sender;
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -121,9 +120,9 @@ impl<S: Store> Dispatcher<S> {
         let poll = settings.database.poll_interval;
         let (daemons_tx, mut daemons) = watch::channel(1);
 
-        let heartbeat = spawn_until(shutdown.clone(), {
-            let (store, owner) = (store.clone(), owner.clone());
-            move |shutdown| async move {
+        let heartbeat = tokio::spawn({
+            let (store, owner, shutdown) = (store.clone(), owner.clone(), shutdown.clone());
+            async move {
                 while !*shutdown.borrow() {
                     match store.heartbeat(&owner, Utc::now(), LIVE_WITHIN).await {
                         Ok(live) => {
@@ -138,10 +137,10 @@ impl<S: Store> Dispatcher<S> {
             }
         });
 
-        let planning = spawn_until(shutdown.clone(), {
+        let planning = tokio::spawn({
             let (store, settings, planned) = (store.clone(), settings.clone(), planned.clone());
-            let inserted = store.outbox_wakeups();
-            move |shutdown| async move {
+            let (inserted, shutdown) = (store.outbox_wakeups(), shutdown.clone());
+            async move {
                 let mut pause = FIRST_PAUSE;
                 while !*shutdown.borrow() {
                     let wait = match planner::plan_pending(&store, &settings).await {
@@ -212,15 +211,6 @@ impl<S: Store> Dispatcher<S> {
         }
         info!("stopped: in-flight sends recorded, unsent claims released");
     }
-}
-
-/// Spawns a task that is handed the shutdown signal.
-fn spawn_until<F, Fut>(shutdown: watch::Receiver<bool>, task: F) -> tokio::task::JoinHandle<()>
-where
-    F: FnOnce(watch::Receiver<bool>) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    tokio::spawn(task(shutdown))
 }
 
 async fn sleep_unless_stopping(wait: Duration, shutdown: &watch::Receiver<bool>) {

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 
 use crate::config::Settings;
 use crate::outbox::{Audience, PayloadError};
-use crate::render::message::{Envelope, build_message};
+use crate::render::message::{Envelope, build_message, sender_domain};
 pub use crate::render::sample_recipient;
 use crate::render::{RenderedMessage, Renderer, TemplateError};
 
@@ -125,11 +125,7 @@ pub fn preview(
 
     let recipient = sample_recipient(audience);
     let rendered = renderer.render(kind, audience, &payload, recipient, now)?;
-    let domain = settings
-        .brand
-        .sender_email
-        .rsplit_once('@')
-        .map_or("herald.invalid", |(_, d)| d);
+    let domain = sender_domain(&settings.brand.sender_email);
     let message_id = format!("preview.{kind}.{audience}@{domain}");
     let envelope = Envelope {
         to_name: recipient.name,

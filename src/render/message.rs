@@ -37,12 +37,17 @@ pub fn build_message(brand: &Brand, envelope: Envelope<'_>, rendered: &RenderedM
         .expect("writing into a Vec cannot fail")
 }
 
+/// The domain of the sender's address, which Message-IDs are made under.
+pub fn sender_domain(sender_email: &str) -> &str {
+    sender_email
+        .rsplit_once('@')
+        .map_or("herald.invalid", |(_, d)| d)
+}
+
 /// A fresh Message-ID for a delivery being planned: unique without coordination between
 /// daemons, and under the sender's own domain as RFC 5322 recommends.
 pub fn new_message_id(outbox_id: i64, sender_email: &str) -> String {
-    let domain = sender_email
-        .rsplit_once('@')
-        .map_or("herald.invalid", |(_, d)| d);
+    let domain = sender_domain(sender_email);
     format!(
         "herald.{outbox_id}.{:016x}{:016x}@{domain}",
         fastrand::u64(..),

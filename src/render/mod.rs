@@ -342,10 +342,6 @@ impl Renderer {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(templates);
     }
 
-    pub fn brand(&self) -> &Brand {
-        &self.brand
-    }
-
     /// Renders one notification for one recipient as of `now` (which sets the copyright
     /// year). The subject is folded to a single line.
     pub fn render(

@@ -36,6 +36,14 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// Payloads are read up to one byte past the limit: enough to refuse an oversized one
+/// without loading all of it.
+const PAYLOAD_READ_LIMIT: usize = crate::outbox::schema::MAX_PAYLOAD_BYTES + 1;
+
+fn parse_audience(text: &str) -> Result<Audience, StoreError> {
+    Audience::parse(text).ok_or_else(|| StoreError::Corrupt(format!("audience {text:?}")))
+}
+
 /// A database URL without its password, for logs and messages.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

@@ -13,18 +13,14 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use super::{
-    AttemptRecord, ClaimedDelivery, ImportSummary, OutboxDecision, StatusReport, Store, StoreError,
-    redact_url,
+    AttemptRecord, ClaimedDelivery, ImportSummary, OutboxDecision, PAYLOAD_READ_LIMIT,
+    StatusReport, Store, StoreError, parse_audience, redact_url,
 };
 use crate::directory::{Contact, DirectoryFile};
-use crate::outbox::schema::MAX_PAYLOAD_BYTES;
-use crate::outbox::{Audience, OutboxEvent};
+use crate::outbox::OutboxEvent;
 
 /// The channel the outbox trigger notifies (see `migrations/postgres`).
 const CHANNEL: &str = "herald_outbox";
-
-/// Payloads are read up to one byte past the limit (see the SQLite backend).
-const PAYLOAD_READ_LIMIT: i32 = MAX_PAYLOAD_BYTES as i32 + 1;
 
 /// How long to wait for a free connection before reporting the database as unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -104,10 +100,6 @@ impl PgStore {
 
 fn seconds(duration: Duration) -> f64 {
     duration.as_secs_f64()
-}
-
-fn parse_audience(text: &str) -> Result<Audience, StoreError> {
-    Audience::parse(text).ok_or_else(|| StoreError::Corrupt(format!("audience {text:?}")))
 }
 
 type ClaimedRow = (
@@ -266,7 +258,7 @@ impl Store for PgStore {
         )
         .bind(seconds(lease))
         .bind(i64::from(limit))
-        .bind(PAYLOAD_READ_LIMIT)
+        .bind(PAYLOAD_READ_LIMIT as i32)
         .fetch_all(&self.pool)
         .await?;
         let mut events: Vec<OutboxEvent> = rows
@@ -362,7 +354,7 @@ impl Store for PgStore {
         .bind(owner)
         .bind(seconds(lease))
         .bind(i64::from(limit))
-        .bind(PAYLOAD_READ_LIMIT)
+        .bind(PAYLOAD_READ_LIMIT as i32)
         .fetch_all(&self.pool)
         .await?;
         // The database's lease started at or after `now`, so this local deadline is never

@@ -12,16 +12,11 @@ use sqlx::{Row, SqlitePool};
 use tokio::sync::Notify;
 
 use super::{
-    AttemptRecord, ClaimedDelivery, ImportSummary, OutboxDecision, StatusReport, Store, StoreError,
-    format_timestamp, parse_timestamp,
+    AttemptRecord, ClaimedDelivery, ImportSummary, OutboxDecision, PAYLOAD_READ_LIMIT,
+    StatusReport, Store, StoreError, format_timestamp, parse_audience, parse_timestamp,
 };
 use crate::directory::{Contact, DirectoryFile};
-use crate::outbox::schema::MAX_PAYLOAD_BYTES;
-use crate::outbox::{Audience, OutboxEvent};
-
-/// Payloads are read up to one byte past the limit: enough to refuse an oversized one without
-/// loading all of it.
-const PAYLOAD_READ_LIMIT: i64 = MAX_PAYLOAD_BYTES as i64 + 1;
+use crate::outbox::OutboxEvent;
 
 /// How long a writer waits for another connection's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,10 +78,6 @@ type StoredContact = (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, bool);
 fn lossy(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes)
         .unwrap_or_else(|err| String::from_utf8_lossy(err.as_bytes()).into_owned())
-}
-
-fn parse_audience(text: &str) -> Result<Audience, StoreError> {
-    Audience::parse(text).ok_or_else(|| StoreError::Corrupt(format!("audience {text:?}")))
 }
 
 impl Store for SqliteStore {
@@ -258,7 +249,7 @@ impl Store for SqliteStore {
         .bind(format_timestamp(now))
         .bind(format_timestamp(now + lease))
         .bind(limit)
-        .bind(PAYLOAD_READ_LIMIT)
+        .bind(PAYLOAD_READ_LIMIT as i64)
         .fetch_all(&self.pool)
         .await?;
         let mut events: Vec<OutboxEvent> = rows
@@ -355,7 +346,7 @@ impl Store for SqliteStore {
         .bind(format_timestamp(lease_until))
         .bind(format_timestamp(now))
         .bind(limit)
-        .bind(PAYLOAD_READ_LIMIT)
+        .bind(PAYLOAD_READ_LIMIT as i64)
         .fetch_all(&self.pool)
         .await?;
         let mut claimed = rows
