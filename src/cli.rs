@@ -18,7 +18,7 @@ use crate::dispatch::Dispatcher;
 use crate::outbox::Audience;
 use crate::preview::{self, PreviewFormat};
 use crate::render::{PreferenceSigner, Renderer, TemplateSet, reload};
-use crate::store::{Database, Store};
+use crate::store::{Database, RequeueRequest, RequeueSummary, Store};
 use crate::telemetry;
 
 #[derive(Debug, Parser)]
@@ -62,8 +62,23 @@ pub enum Command {
         #[arg(long)]
         idempotency_key: Option<String>,
     },
-    /// Show counts per state, the oldest pending work and recent failures.
+    /// Show counts per state, the oldest pending work and the latest dead deliveries and
+    /// failed outbox rows, with their reasons.
     Status,
+    /// Requeue deliveries: retrying ones are made due now; with --dead, dead deliveries start
+    /// afresh (attempts and age reset, same Message-ID) and failed outbox rows are checked
+    /// and expanded again. A running daemon picks them up within its poll interval.
+    Retry {
+        /// Requeue dead deliveries and failed outbox rows instead of retrying deliveries.
+        #[arg(long)]
+        dead: bool,
+        /// Only this outbox row's deliveries (and the row itself, if it failed).
+        #[arg(long, value_name = "ID", conflicts_with = "delivery")]
+        event: Option<i64>,
+        /// Only this delivery.
+        #[arg(long, value_name = "ID")]
+        delivery: Option<i64>,
+    },
     /// Print one notification rendered as it would be sent, with its sample payload; or, with
     /// --serve, show them all on a local page that follows template edits.
     Preview {
@@ -186,6 +201,21 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status => {
             let store = open_existing_store(&settings).await?;
             print_status(&store).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Retry {
+            dead,
+            event,
+            delivery,
+        } => {
+            let store = open_existing_store(&settings).await?;
+            let request = RequeueRequest {
+                dead,
+                event,
+                delivery,
+            };
+            let summary = store.requeue(request, Utc::now()).await?;
+            print_requeued(request, summary);
             Ok(ExitCode::SUCCESS)
         }
         Command::Preview {
@@ -439,6 +469,31 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
+fn print_requeued(request: RequeueRequest, summary: RequeueSummary) {
+    let scope = match (request.event, request.delivery) {
+        (Some(event), _) => format!(" of outbox row {event}"),
+        (_, Some(delivery)) => format!(" (delivery {delivery})"),
+        (None, None) => String::new(),
+    };
+    if request.dead {
+        println!(
+            "requeued {} dead deliveries and {} failed outbox rows{scope}",
+            summary.deliveries, summary.events
+        );
+        if summary.deliveries + summary.events == 0 {
+            println!("nothing matched; `herald status` lists what is dead");
+        }
+    } else {
+        println!(
+            "{} retrying deliveries{scope} are due now",
+            summary.deliveries
+        );
+        if summary.deliveries == 0 {
+            println!("nothing matched; dead deliveries need --dead");
+        }
+    }
+}
+
 async fn print_status<S: Store>(store: &S) -> Result<()> {
     let report = store.status().await?;
     let line = |counts: &[(String, i64)]| {
@@ -462,10 +517,14 @@ async fn print_status<S: Store>(store: &S) -> Result<()> {
         None => println!("oldest pending: none"),
     }
     if !report.recent_failures.is_empty() {
-        println!("recent failures:");
+        println!("latest failures (dead deliveries and failed outbox rows), newest first:");
         for (what, reason) in &report.recent_failures {
             println!("  {}: {}", printable(what), printable(reason));
         }
+        println!(
+            "requeue with `herald retry --dead` (all), `--event ID` or `--delivery ID`; \
+             the herald_outbox_status view has every row"
+        );
     }
     Ok(())
 }

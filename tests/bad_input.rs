@@ -372,7 +372,7 @@ async fn values_of_the_wrong_type_are_refused_when_written() {
 }
 
 #[tokio::test]
-async fn a_contact_with_an_unusable_address_is_skipped_and_noted() {
+async fn a_contact_address_that_is_not_utf8_is_a_dead_delivery() {
     let env = TestEnv::new(Options::new(Sink::Files)).await;
     let store = sqlite(&env).await;
     sqlx::query(
@@ -386,24 +386,97 @@ async fn a_contact_with_an_unusable_address_is_skipped_and_noted() {
         .execute(store.pool())
         .await
         .unwrap();
+    env.enqueue_sample("vxc.approved").await;
+
+    let (ok, log) = env.drain().await;
+    assert!(ok, "{log}");
+    let states: Vec<(String, String)> = env
+        .deliveries()
+        .await
+        .into_iter()
+        .map(|(_, state, _, error, _)| (state, error.unwrap_or_default()))
+        .collect();
+    assert_eq!(states.len(), 3);
+    assert_eq!(
+        states[0],
+        ("sent".into(), String::new()),
+        "dana still gets hers"
+    );
+    assert_eq!(
+        states[1],
+        ("sent".into(), String::new()),
+        "pat still gets his"
+    );
+    assert_eq!(states[2].0, "dead");
+    assert!(
+        states[2].1.starts_with("not a valid mailbox: ") && states[2].1.contains("SMTPUTF8"),
+        "{states:?}"
+    );
+}
+
+/// Contacts as a portal might store them: no `@`, a non-ASCII local part, and an
+/// internationalised domain (which is fine, and sent to in its ASCII form).
+async fn contacts_without_a_usable_address_are_dead_deliveries_with_the_reason(backend: Backend) {
+    let env = TestEnv::new(Options::on(backend, Sink::Files)).await;
+    env.execute(
+        "INSERT INTO herald_contacts (id, company_id, name, email, role) VALUES
+            ('acme-noat', 'acme', 'No At', 'no-at-sign.acme.example', 'company_admin'),
+            ('acme-utf8', 'acme', 'José', 'josé@acme.example', 'company_admin'),
+            ('acme-idn', 'acme', 'Anna', 'anna@bücher.example', 'company_admin');
+         INSERT INTO herald_contact_groups (contact_id, group_name) VALUES
+            ('acme-noat', 'ordering'), ('acme-utf8', 'ordering'), ('acme-idn', 'ordering');",
+    )
+    .await
+    .unwrap();
     let id = env.enqueue_sample("vxc.approved").await;
 
-    let run = env.herald(&["run", "--drain"]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    let (ok, log) = env.drain().await;
+    assert!(ok, "{log}");
+    assert!(log.contains("delivery recorded dead"), "{log}");
+    let rows: Vec<(String, String, String)> = env
+        .deliveries()
+        .await
+        .into_iter()
+        .map(|(to, state, _, error, _)| (to, state, error.unwrap_or_default()))
+        .collect();
+    let find = |to: &str| {
+        rows.iter()
+            .find(|r| r.0 == to)
+            .unwrap_or_else(|| panic!("{to} in {rows:?}"))
+            .clone()
+    };
+    assert_eq!(find("dana@acme.example").1, "sent");
+    assert_eq!(find("anna@xn--bcher-kva.example").1, "sent");
+    assert_eq!(
+        find("no-at-sign.acme.example"),
+        (
+            "no-at-sign.acme.example".into(),
+            "dead".into(),
+            "not a valid mailbox: \"no-at-sign.acme.example\" is not a valid mailbox (no @)".into()
+        )
     );
-    let (recipients, reason): (i64, String) =
-        sqlx::query_as("SELECT recipients, reason FROM herald_outbox WHERE id = $1")
-            .bind(id)
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
-    assert_eq!(recipients, 2, "dana and pat still get theirs");
+    assert_eq!(
+        find("josé@acme.example").2,
+        "not a valid mailbox: \"josé@acme.example\": a non-ASCII local part needs SMTPUTF8, \
+         which herald does not use"
+    );
+    let status = env
+        .rows(&format!(
+            "SELECT status, reason FROM herald_outbox_status WHERE id = {id}"
+        ))
+        .await
+        .remove(0);
+    assert_eq!(
+        status[0].as_deref(),
+        Some("failed"),
+        "not everyone was reached"
+    );
     assert!(
-        reason.contains("unusable email address: acme-bad"),
-        "{reason}"
+        status[1]
+            .as_deref()
+            .unwrap()
+            .contains("no-at-sign.acme.example: not a valid mailbox"),
+        "{status:?}"
     );
 }
 
@@ -412,4 +485,5 @@ on_both_backends!(
     a_notification_without_recipients_is_recorded_not_failed,
     a_repeated_idempotency_key_is_a_silent_no_op,
     a_delivery_is_unique_per_row_notification_and_address,
+    contacts_without_a_usable_address_are_dead_deliveries_with_the_reason,
 );

@@ -118,7 +118,7 @@ fn configuration_errors_are_all_reported_with_their_paths() {
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace("per_second: 10 ", "per_second: 0 ")
-        .replace("initial_backoff: 30s", "initial_backoff: soon")
+        .replace("initial_backoff: 1m", "initial_backoff: soon")
         .replace("lease: 5m", "lease: 2s")
         .replace(
             "secret: demo-only-secret-do-not-use-in-production",
@@ -158,7 +158,7 @@ fn configuration_errors_are_all_reported_with_their_paths() {
     let fixed = std::fs::read_to_string(&config)
         .unwrap()
         .replace("per_second: 0 ", "per_second: 10 ")
-        .replace("initial_backoff: soon", "initial_backoff: 30s")
+        .replace("initial_backoff: soon", "initial_backoff: 1m")
         .replace("lease: 2s", "lease: 5m");
     std::fs::write(&config, fixed).unwrap();
     let output = herald()
@@ -174,6 +174,61 @@ fn configuration_errors_are_all_reported_with_their_paths() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(!String::from_utf8_lossy(&output.stdout).contains(secret));
+}
+
+#[test]
+fn a_password_never_crosses_the_network_unencrypted_unless_allowed_and_is_never_printed() {
+    let copy = repo_copy();
+    let config = copy.path().join("config/herald.yaml");
+    let password = "pa55-word-from-the-environment";
+    let with_relay = |host: &str, tls: &str, extra: &str| {
+        let text = std::fs::read_to_string(repo_path("config/herald.yaml"))
+            .unwrap()
+            .replace("  kind: file ", "  kind: smtp ")
+            .replace("    host: 127.0.0.1", &format!("    host: {host}"))
+            .replace("    tls: none ", &format!("    tls: {tls} "))
+            .replace(
+                "    # username: ${HERALD_SMTP_USERNAME}\n    # password: ${HERALD_SMTP_PASSWORD}",
+                &format!("    username: herald\n    password: ${{HERALD_SMTP_PASSWORD}}{extra}"),
+            );
+        std::fs::write(&config, text).unwrap();
+        let output = herald()
+            .arg("--config")
+            .arg(&config)
+            .arg("check")
+            .env("HERALD_SMTP_PASSWORD", password)
+            .output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!all.contains(password), "the password was printed: {all}");
+        (output.status.success(), all)
+    };
+
+    let (ok, out) = with_relay("relay.example.net", "none", "");
+    assert!(!ok);
+    assert!(
+        out.contains(
+            "transport.smtp: the password would cross the network to \"relay.example.net\" \
+             unencrypted; set tls to starttls or implicit"
+        ),
+        "{out}"
+    );
+    let (ok, out) = with_relay(
+        "relay.example.net",
+        "none",
+        "\n    allow_plaintext_auth: true",
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = with_relay("relay.example.net", "starttls", "");
+    assert!(ok, "{out}");
+    for loopback in ["127.0.0.1", "localhost", "::1"] {
+        let (ok, out) = with_relay(loopback, "none", "");
+        assert!(ok, "{loopback}: {out}");
+    }
 }
 
 #[test]
@@ -353,7 +408,7 @@ fn directory_import_refuses_unusable_contacts_and_an_accidental_empty_file() {
         "{stderr}"
     );
     assert!(
-        stderr.contains("contact \"c2\": \"josé@a.example\" is not an email address"),
+        stderr.contains("contact \"c2\": not an email address herald can send to: \"josé@a.example\": a non-ASCII local part needs SMTPUTF8"),
         "{stderr}"
     );
 

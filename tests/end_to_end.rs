@@ -207,6 +207,13 @@ async fn non_ascii_names_and_subjects_arrive_encoded_and_readable(backend: Backe
     env.execute("UPDATE herald_contacts SET name = 'Dana Ñúñez 🚀' WHERE id = 'acme-dana'")
         .await
         .unwrap();
+    // An internationalised domain, and a right-to-left name.
+    env.execute(
+        "UPDATE herald_contacts SET name = 'פט כהן', email = 'pat@bücher.example' \
+         WHERE id = 'acme-pat'",
+    )
+    .await
+    .unwrap();
     let payload =
         std::fs::read_to_string(support::repo_path("examples/payloads/vxc.approved.json"))
             .unwrap()
@@ -252,6 +259,15 @@ async fn non_ascii_names_and_subjects_arrive_encoded_and_readable(backend: Backe
             .unwrap()
             .contains("Sydney → Zürich 東京")
     );
+
+    let (_, bytes) = received
+        .iter()
+        .find(|(envelope, _)| envelope["rcpt_tos"][0] == "pat@xn--bcher-kva.example")
+        .expect("Pat's copy, addressed to the ASCII form of the domain");
+    let message = MessageParser::default().parse(bytes).unwrap();
+    let to = message.to().unwrap().first().unwrap();
+    assert_eq!(to.name(), Some("פט כהן"));
+    assert_eq!(to.address(), Some("pat@xn--bcher-kva.example"));
 }
 
 on_both_backends!(non_ascii_names_and_subjects_arrive_encoded_and_readable);

@@ -8,36 +8,6 @@ use std::time::{Duration, Instant};
 use support::scripted_smtp::{ScriptedSmtp, Step};
 use support::{Backend, Options, SAMPLE_KINDS, Sink, TestEnv, free_port};
 
-/// (recipient, state, attempts, last error, SMTP reply) per delivery, in id order.
-async fn deliveries(env: &TestEnv) -> Vec<(String, String, i64, Option<String>, Option<String>)> {
-    env.rows(
-        "SELECT recipient_email, state, CAST(attempts AS TEXT), last_error, smtp_reply \
-         FROM herald_deliveries ORDER BY id",
-    )
-    .await
-    .into_iter()
-    .map(|r| {
-        let text = |i: usize| r[i].clone().unwrap_or_default();
-        (
-            text(0),
-            text(1),
-            text(2).parse().unwrap(),
-            r[3].clone(),
-            r[4].clone(),
-        )
-    })
-    .collect()
-}
-
-async fn drain(env: &TestEnv) -> (bool, String) {
-    let mut command = tokio::process::Command::from(env.herald_command(&["run", "--drain"]));
-    let output = command.output().await.unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 async fn a_451_is_retried_and_delivered_once_with_the_same_message_id(backend: Backend) {
     let smtp = ScriptedSmtp::start().await;
     smtp.script(
@@ -47,9 +17,9 @@ async fn a_451_is_retried_and_delivered_once_with_the_same_message_id(backend: B
     let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
     env.enqueue_sample("vxc.speed_change_requested").await;
 
-    let (ok, log) = drain(&env).await;
+    let (ok, log) = env.drain().await;
     assert!(ok, "{log}");
-    let rows = deliveries(&env).await;
+    let rows = env.deliveries().await;
     assert_eq!(rows[0].1, "retrying");
     assert_eq!(rows[0].2, 1);
     assert!(
@@ -65,9 +35,9 @@ async fn a_451_is_retried_and_delivered_once_with_the_same_message_id(backend: B
     );
 
     tokio::time::sleep(Duration::from_millis(300)).await; // initial_backoff is 100ms
-    let (ok, log) = drain(&env).await;
+    let (ok, log) = env.drain().await;
     assert!(ok, "{log}");
-    let rows = deliveries(&env).await;
+    let rows = env.deliveries().await;
     assert_eq!((rows[0].1.as_str(), rows[0].2), ("sent", 2));
 
     let seen = smtp.transactions();
@@ -88,9 +58,9 @@ async fn a_550_is_dead_at_once_with_the_reply_and_the_others_still_go_out(backen
     let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
     env.enqueue_sample("vxc.approval_required").await;
 
-    let (ok, log) = drain(&env).await;
+    let (ok, log) = env.drain().await;
     assert!(ok, "{log}");
-    for (email, state, attempts, error, reply) in deliveries(&env).await {
+    for (email, state, attempts, error, reply) in env.deliveries().await {
         if email == "noc@cloudco.example" {
             assert_eq!((state.as_str(), attempts), ("dead", 1));
             assert_eq!(reply.as_deref(), Some("550 5.1.1 Mailbox unavailable"));
@@ -106,7 +76,7 @@ async fn a_550_is_dead_at_once_with_the_reply_and_the_others_still_go_out(backen
         "after a rejection the session is reset and reused"
     );
 
-    let (ok, _) = drain(&env).await;
+    let (ok, _) = env.drain().await;
     assert!(ok);
     assert_eq!(
         smtp.transactions().len(),
@@ -135,10 +105,10 @@ async fn retries_stop_at_max_attempts_with_a_clear_reason(backend: Backend) {
     let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await; // max_attempts: 3
     env.enqueue_sample("vxc.speed_change_requested").await;
     for _ in 0..3 {
-        assert!(drain(&env).await.0);
+        assert!(env.drain().await.0);
         tokio::time::sleep(Duration::from_millis(1100)).await; // max_backoff is 1s
     }
-    let rows = deliveries(&env).await;
+    let rows = env.deliveries().await;
     assert_eq!((rows[0].1.as_str(), rows[0].2), ("dead", 3));
     assert!(
         rows[0]
@@ -156,11 +126,11 @@ async fn a_connection_dropped_mid_message_is_retried_on_a_new_connection(backend
     let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
     env.enqueue_sample("vxc.approved").await;
 
-    assert!(drain(&env).await.0);
+    assert!(env.drain().await.0);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(drain(&env).await.0);
+    assert!(env.drain().await.0);
 
-    let rows = deliveries(&env).await;
+    let rows = env.deliveries().await;
     assert!(rows.iter().all(|r| r.1 == "sent"), "{rows:?}");
     let accepted = smtp.accepted();
     assert_eq!(accepted.len(), 2);
@@ -186,10 +156,10 @@ async fn a_421_closes_the_session_and_the_message_is_retried(backend: Backend) {
     let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
     env.enqueue_sample("vxc.approved").await;
 
-    assert!(drain(&env).await.0);
+    assert!(env.drain().await.0);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(drain(&env).await.0);
-    assert!(deliveries(&env).await.iter().all(|r| r.1 == "sent"));
+    assert!(env.drain().await.0);
+    assert!(env.deliveries().await.iter().all(|r| r.1 == "sent"));
     assert_eq!(smtp.accepted().len(), 2);
     assert!(smtp.connections() >= 2);
 }
@@ -201,20 +171,20 @@ async fn while_the_server_is_down_nothing_is_lost_or_charged_an_attempt(backend:
         env.enqueue_sample(kind).await;
     }
 
-    let (ok, log) = drain(&env).await;
+    let (ok, log) = env.drain().await;
     assert!(!ok, "a drain that cannot reach the server fails");
     assert!(
         log.contains("cannot open an SMTP session with 127.0.0.1"),
         "{log}"
     );
-    let rows = deliveries(&env).await;
+    let rows = env.deliveries().await;
     assert_eq!(rows.len(), 8);
     assert!(rows.iter().all(|r| r.1 == "queued" && r.2 == 0), "{rows:?}");
 
     let smtp = ScriptedSmtp::start_on(port).await;
-    let (ok, log) = drain(&env).await;
+    let (ok, log) = env.drain().await;
     assert!(ok, "{log}");
-    assert!(deliveries(&env).await.iter().all(|r| r.1 == "sent"));
+    assert!(env.deliveries().await.iter().all(|r| r.1 == "sent"));
     assert_eq!(smtp.accepted().len(), 8);
 }
 
@@ -245,7 +215,7 @@ async fn the_daemon_rides_out_a_server_outage(backend: Backend) {
     support::terminate(daemon.id().unwrap());
     assert!(daemon.wait().await.unwrap().success());
     assert!(
-        deliveries(&env)
+        env.deliveries()
             .await
             .iter()
             .all(|r| r.1 == "sent" && r.2 == 1)
@@ -305,11 +275,42 @@ async fn sigterm_mid_send_finishes_the_send_and_releases_the_rest(backend: Backe
 
     // A restart sends the rest, each exactly once.
     smtp.delay_data(Duration::ZERO);
-    assert!(drain(&env).await.0);
+    assert!(env.drain().await.0);
     let accepted = smtp.accepted();
     assert_eq!(accepted.len(), 8);
     let unique: std::collections::BTreeSet<_> = accepted.iter().map(|t| &t.message_id).collect();
     assert_eq!(unique.len(), 8);
+}
+
+#[tokio::test]
+async fn a_refused_login_is_reported_without_the_password() {
+    let smtp = ScriptedSmtp::start().await;
+    smtp.refuse_logins();
+    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    let password = "hunter2-but-longer-0123";
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "    tls: none\n",
+        &format!("    tls: none\n    username: herald\n    password: {password}\n"),
+    );
+    std::fs::write(&env.config, config).unwrap();
+    env.enqueue_sample("vxc.approved").await;
+
+    let (ok, log) = env.drain().await;
+    assert!(!ok);
+    assert!(
+        log.contains("authentication failed: 535 5.7.8 Authentication credentials invalid"),
+        "{log}"
+    );
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("\0herald\0{password}"));
+    assert!(!log.contains(password) && !log.contains(&encoded), "{log}");
+    assert!(
+        env.deliveries()
+            .await
+            .iter()
+            .all(|r| r.1 == "queued" && r.2 == 0),
+        "nothing charged while the relay refuses us"
+    );
 }
 
 on_both_backends!(

@@ -126,23 +126,40 @@ pub struct SmtpSettings {
     pub helo_name: String,
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct RateLimitSettings {
+/// A sustained rate and the burst allowed after a quiet spell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
     pub per_second: NonZeroU32,
     pub burst: NonZeroU32,
 }
 
+#[derive(Debug, Clone)]
+pub struct RateLimitSettings {
+    /// Everything the daemons on one database send, together.
+    pub global: Rate,
+    /// Each recipient domain not in `domains`; `None` for no limit beyond the global one.
+    pub per_domain: Option<Rate>,
+    /// Particular recipient domains, keyed in lower-case ASCII (A-labels for IDNs).
+    pub domains: BTreeMap<String, Rate>,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct RetrySettings {
-    pub max_attempts: NonZeroU32,
+    /// `None`: no limit on the count; `max_age` ends the retries.
+    pub max_attempts: Option<NonZeroU32>,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// How long after being queued a delivery may still be sent; after that it is dead.
+    pub max_age: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub struct DeliverySettings {
     pub batch_size: NonZeroU32,
     pub lease: Duration,
+    /// At shutdown, how long a send under way may still take before it is abandoned (and the
+    /// delivery given back, to be sent again with the same Message-ID).
+    pub shutdown_grace: Duration,
 }
 
 /// Brand facts that every email shows; templates read them as `brand.*`.
@@ -241,12 +258,12 @@ impl Settings {
         }
 
         let transport = check.transport(&raw.transport, base);
-        let rate_limit = RateLimitSettings {
-            per_second: check.non_zero("rate_limit.per_second", raw.rate_limit.per_second),
-            burst: check.non_zero("rate_limit.burst", raw.rate_limit.burst),
-        };
+        let rate_limit = check.rate_limit(raw.rate_limit);
         let retry = RetrySettings {
-            max_attempts: check.non_zero("retry.max_attempts", raw.retry.max_attempts),
+            max_attempts: raw
+                .retry
+                .max_attempts
+                .map(|attempts| check.non_zero("retry.max_attempts", attempts)),
             initial_backoff: check.duration(
                 "retry.initial_backoff",
                 &raw.retry.initial_backoff,
@@ -259,6 +276,7 @@ impl Settings {
                 MS_10,
                 DAY * 7,
             ),
+            max_age: check.duration("retry.max_age", &raw.retry.max_age, SECOND, DAY * 30),
         };
         if retry.max_backoff < retry.initial_backoff {
             check.problem("retry.max_backoff: must not be shorter than retry.initial_backoff");
@@ -266,6 +284,12 @@ impl Settings {
         let delivery = DeliverySettings {
             batch_size: check.non_zero("delivery.batch_size", raw.delivery.batch_size),
             lease: check.duration("delivery.lease", &raw.delivery.lease, SECOND, DAY),
+            shutdown_grace: check.duration(
+                "delivery.shutdown_grace",
+                &raw.delivery.shutdown_grace,
+                Duration::ZERO,
+                HOUR,
+            ),
         };
         let templates_dir =
             normalize(&base.join(check.expand("templates.dir", &raw.templates.dir)));
@@ -331,6 +355,16 @@ impl Settings {
             catalog,
         })
     }
+}
+
+/// Whether a relay host is this machine, where a plaintext login crosses no network.
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Removes `.` and `..` components without touching the file system, so that paths in logs
@@ -533,6 +567,17 @@ impl Checker<'_> {
                     .as_ref()
                     .map(|h| self.expand("transport.smtp.helo_name", h))
                     .unwrap_or_else(|| "localhost".to_string());
+                if credentials.is_some()
+                    && smtp.tls == TlsMode::None
+                    && !is_loopback_host(&host)
+                    && !smtp.allow_plaintext_auth
+                {
+                    self.problem(format!(
+                        "transport.smtp: the password would cross the network to {host:?} \
+                         unencrypted; set tls to starttls or implicit, or, for a relay on a \
+                         network you trust, allow_plaintext_auth: true"
+                    ));
+                }
                 TransportSettings::Smtp(SmtpSettings {
                     host,
                     port: smtp.port,
@@ -547,6 +592,42 @@ impl Checker<'_> {
                     helo_name,
                 })
             }
+        }
+    }
+
+    fn rate_limit(&mut self, raw: raw::RawRateLimit) -> RateLimitSettings {
+        let global = Rate {
+            per_second: self.non_zero("rate_limit.per_second", raw.per_second),
+            burst: self.non_zero("rate_limit.burst", raw.burst),
+        };
+        let per_domain = raw
+            .per_domain
+            .map(|rate| self.rate("rate_limit.per_domain", &rate));
+        let mut domains = BTreeMap::new();
+        for (domain, rate) in &raw.domains {
+            let field = format!("rate_limit.domains.{domain}");
+            let rate = self.rate(&field, rate);
+            match crate::directory::ascii_domain(domain) {
+                Ok(key) => {
+                    domains.insert(key, rate);
+                }
+                Err(reason) => self.problem(format!("{field}: {reason}")),
+            }
+        }
+        RateLimitSettings {
+            global,
+            per_domain,
+            domains,
+        }
+    }
+
+    fn rate(&mut self, field: &str, raw: &raw::RawRate) -> Rate {
+        let per_second = self.non_zero(&format!("{field}.per_second"), raw.per_second);
+        Rate {
+            per_second,
+            burst: raw.burst.map_or(per_second, |burst| {
+                self.non_zero(&format!("{field}.burst"), burst)
+            }),
         }
     }
 

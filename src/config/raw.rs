@@ -80,6 +80,10 @@ pub struct RawSmtp {
     pub timeout: String,
     /// The name this daemon gives in EHLO; defaults to `localhost`.
     pub helo_name: Option<String>,
+    /// Allows a username and password to be sent unencrypted (`tls: none`) to a host that is
+    /// not loopback: only for a relay on a network the operator trusts.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -107,6 +111,11 @@ pub struct RawRateLimit {
     pub per_second: u32,
     #[serde(default = "defaults::burst")]
     pub burst: u32,
+    /// The rate for each recipient domain not listed in `domains`; none when absent.
+    pub per_domain: Option<RawRate>,
+    /// Rates for particular recipient domains (large mailbox providers throttle per domain).
+    #[serde(default)]
+    pub domains: BTreeMap<String, RawRate>,
 }
 
 impl Default for RawRateLimit {
@@ -114,27 +123,40 @@ impl Default for RawRateLimit {
         Self {
             per_second: defaults::per_second(),
             burst: defaults::burst(),
+            per_domain: None,
+            domains: BTreeMap::new(),
         }
     }
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawRate {
+    pub per_second: u32,
+    /// Defaults to `per_second`.
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawRetry {
-    #[serde(default = "defaults::max_attempts")]
-    pub max_attempts: u32,
+    /// No limit when absent: `max_age` ends the retries.
+    pub max_attempts: Option<u32>,
     #[serde(default = "defaults::initial_backoff")]
     pub initial_backoff: String,
     #[serde(default = "defaults::max_backoff")]
     pub max_backoff: String,
+    #[serde(default = "defaults::max_age")]
+    pub max_age: String,
 }
 
 impl Default for RawRetry {
     fn default() -> Self {
         Self {
-            max_attempts: defaults::max_attempts(),
+            max_attempts: None,
             initial_backoff: defaults::initial_backoff(),
             max_backoff: defaults::max_backoff(),
+            max_age: defaults::max_age(),
         }
     }
 }
@@ -148,6 +170,9 @@ pub struct RawDelivery {
     /// How long a claim holds deliveries before another daemon may take them over.
     #[serde(default = "defaults::lease")]
     pub lease: String,
+    /// At shutdown, how long a send already under way may take before it is abandoned.
+    #[serde(default = "defaults::shutdown_grace")]
+    pub shutdown_grace: String,
 }
 
 impl Default for RawDelivery {
@@ -155,6 +180,7 @@ impl Default for RawDelivery {
         Self {
             batch_size: defaults::batch_size(),
             lease: defaults::lease(),
+            shutdown_grace: defaults::shutdown_grace(),
         }
     }
 }
@@ -264,17 +290,25 @@ pub mod defaults {
         10
     }
 
-    /// With 30 s doubling to a 1 h cap, eight attempts span a little over two hours.
-    pub fn max_attempts() -> u32 {
-        8
-    }
-
+    /// Postfix waits 300 s after a first failure (`minimal_backoff_time`); herald usually
+    /// talks to a nearby relay, where a minute is enough for a restart or a greylist.
     pub fn initial_backoff() -> String {
-        "30s".into()
+        "1m".into()
     }
 
+    /// Postfix's `maximal_backoff_time` is 4000 s; an hour between attempts at most.
     pub fn max_backoff() -> String {
         "1h".into()
+    }
+
+    /// Postfix's `maximal_queue_lifetime`, and RFC 5321 section 4.5.4.1's "4-5 days".
+    pub fn max_age() -> String {
+        "5d".into()
+    }
+
+    /// Within systemd's default stop timeout (90 s), with room to record and close.
+    pub fn shutdown_grace() -> String {
+        "30s".into()
     }
 
     pub fn batch_size() -> u32 {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{Contact, is_plausible_email};
+use super::{Contact, ascii_mailbox};
 use crate::config::GROUPS;
 use crate::outbox::schema::is_disallowed_char;
 
@@ -119,11 +119,9 @@ impl DirectoryFile {
                 if !contact_ids.insert(&contact.id) {
                     problems.push(format!("{at}: contact id listed twice"));
                 }
-                if !is_plausible_email(&contact.email) {
+                if let Err(reason) = ascii_mailbox(&contact.email) {
                     problems.push(format!(
-                        "{at}: {:?} is not an email address herald can send to \
-                         (ASCII only; internationalised addresses are not supported yet)",
-                        contact.email
+                        "{at}: not an email address herald can send to: {reason}"
                     ));
                 }
                 for group in &contact.groups {

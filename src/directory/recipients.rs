@@ -1,6 +1,6 @@
 //! Who receives a notification: the domain's rules, applied to one company's contacts.
 
-use super::{Contact, is_plausible_email};
+use super::{Contact, ascii_mailbox};
 use crate::config::RecipientRules;
 use crate::outbox::schema::is_disallowed_char;
 
@@ -12,17 +12,18 @@ pub struct Recipient {
     pub email: String,
 }
 
-/// Who was chosen, and which eligible contacts could not be, because their stored address is
-/// not one herald can send to.
+/// Who was chosen, and which eligible contacts cannot be sent to, because their stored
+/// address is not one herald can send to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selection {
     pub recipients: Vec<Recipient>,
-    /// Ids of eligible contacts left out for an unusable address.
-    pub unusable: Vec<String>,
+    /// Eligible contacts whose address is unusable, each with the reason.
+    pub unusable: Vec<(Recipient, String)>,
 }
 
 /// Every active contact whose role may subscribe and who subscribed to `group`, each address
-/// once (compared without regard to case), in the order the contacts are given.
+/// once (compared without regard to case), in the order the contacts are given. Addresses are
+/// given in their ASCII form (see [`ascii_mailbox`]).
 pub fn select_recipients(contacts: &[Contact], group: &str, rules: &RecipientRules) -> Selection {
     let mut selection = Selection::default();
     for contact in contacts {
@@ -32,20 +33,26 @@ pub fn select_recipients(contacts: &[Contact], group: &str, rules: &RecipientRul
         if !eligible {
             continue;
         }
-        if !is_plausible_email(&contact.email) {
-            selection.unusable.push(contact.id.clone());
-            continue;
-        }
+        let (email, problem) = match ascii_mailbox(&contact.email) {
+            Ok(email) => (email, None),
+            Err(reason) => (contact.email.clone(), Some(reason)),
+        };
         let duplicate = selection
             .recipients
             .iter()
-            .any(|r| r.email.eq_ignore_ascii_case(&contact.email));
-        if !duplicate {
-            selection.recipients.push(Recipient {
-                contact_id: contact.id.clone(),
-                name: display_name(&contact.name, &contact.email),
-                email: contact.email.clone(),
-            });
+            .chain(selection.unusable.iter().map(|(r, _)| r))
+            .any(|r| r.email.eq_ignore_ascii_case(&email));
+        if duplicate {
+            continue;
+        }
+        let recipient = Recipient {
+            contact_id: contact.id.clone(),
+            name: display_name(&contact.name, &email),
+            email,
+        };
+        match problem {
+            None => selection.recipients.push(recipient),
+            Some(reason) => selection.unusable.push((recipient, reason)),
         }
     }
     selection
@@ -195,10 +202,34 @@ mod tests {
                 true,
             ),
             contact("ok", "ok@x.example", "company_admin", &["ordering"], true),
+            contact(
+                "idn-domain",
+                "anna@bücher.example",
+                "company_admin",
+                &["ordering"],
+                true,
+            ),
         ];
         let selection = select_recipients(&contacts, "ordering", &rules);
-        assert_eq!(emails(&selection.recipients), ["ok@x.example"]);
-        assert_eq!(selection.unusable, ["bad", "idn"]);
+        assert_eq!(
+            emails(&selection.recipients),
+            ["ok@x.example", "anna@xn--bcher-kva.example"]
+        );
+        let unusable: Vec<(&str, &str)> = selection
+            .unusable
+            .iter()
+            .map(|(r, why)| (r.contact_id.as_str(), why.as_str()))
+            .collect();
+        assert_eq!(
+            unusable,
+            [
+                ("bad", "\"not an address\" is not a valid mailbox (no @)"),
+                (
+                    "idn",
+                    "\"josé@x.example\": a non-ASCII local part needs SMTPUTF8, which herald does not use"
+                ),
+            ]
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! turn until nothing is due.
 
 pub mod planner;
+pub mod rate;
 pub mod retry;
 pub mod sender;
 
@@ -17,7 +18,7 @@ use tracing::{error, info, warn};
 use crate::config::Settings;
 use crate::render::Renderer;
 use crate::store::Store;
-pub use sender::{SendError, Sender};
+pub use sender::{SendError, SendSummary, Sender};
 
 /// The first wait after the transport or the database fails; it doubles up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_millis(500);
@@ -70,6 +71,10 @@ impl<S: Store> Dispatcher<S> {
             planned: 0,
             attempted: 0,
         };
+        // Deliveries put back for a domain's rate are due again within moments: wait for
+        // them rather than stop, since they are not retries scheduled for later.
+        let mut hold_until = None;
+        let mut pause = FIRST_PAUSE;
         let outcome = loop {
             let mut planned = 0;
             while !*shutdown.borrow() {
@@ -84,18 +89,37 @@ impl<S: Store> Dispatcher<S> {
                 .next_due()
                 .await?
                 .is_some_and(|at| at <= Utc::now());
-            let attempted = if due && !*shutdown.borrow() {
+            let sent = if due && !*shutdown.borrow() {
                 match self.sender.send_due(&shutdown).await {
-                    Ok(attempted) => attempted,
+                    Ok(sent) => sent,
+                    Err(SendError::Throttled(reply)) => {
+                        warn!(smtp_reply = %reply, pause = ?pause, "the relay is shedding load; pausing");
+                        sleep_unless_stopping(next_pause(&mut pause), &shutdown).await;
+                        continue;
+                    }
                     Err(err) => break Err(err),
                 }
             } else {
-                0
+                SendSummary::default()
             };
             summary.planned += planned;
-            summary.attempted += attempted;
-            if (planned == 0 && attempted == 0) || *shutdown.borrow() {
+            summary.attempted += sent.attempted;
+            hold_until = hold_until.max(sent.postponed_until);
+            if *shutdown.borrow() {
                 break Ok(summary);
+            }
+            if planned == 0 && sent.attempted == 0 {
+                match hold_until {
+                    Some(until) if until > Utc::now() => {
+                        let wait = wait_until_due(
+                            &self.store,
+                            (until - Utc::now()).to_std().unwrap_or_default(),
+                        )
+                        .await;
+                        sleep_unless_stopping(wait.max(Duration::from_millis(1)), &shutdown).await;
+                    }
+                    _ => break Ok(summary),
+                }
             }
         };
         self.sender.close().await;
@@ -177,13 +201,17 @@ impl<S: Store> Dispatcher<S> {
                 sender.share_rate_with(live);
             }
             let wait = match sender.send_due(&shutdown).await {
-                Ok(0) => {
+                Ok(sent) if sent.attempted == 0 => {
                     pause = FIRST_PAUSE;
                     wait_until_due(&store, poll).await
                 }
                 Ok(_) => {
                     pause = FIRST_PAUSE;
                     continue;
+                }
+                Err(SendError::Throttled(reply)) => {
+                    warn!(smtp_reply = %reply, retry_in = ?pause, "the relay is shedding load (421); sending pauses");
+                    next_pause(&mut pause)
                 }
                 Err(SendError::Unavailable(unavailable)) => {
                     warn!(error = %unavailable, retry_in = ?pause, "transport unavailable; deliveries wait, none is charged an attempt");

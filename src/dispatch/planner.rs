@@ -78,29 +78,26 @@ pub async fn decide<S: Store>(
             continue;
         }
         let selection = select_recipients(&contacts, group, &settings.recipients);
-        if !selection.unusable.is_empty() {
-            notes.push(format!(
-                "{audience} contacts skipped for an unusable email address: {}",
-                selection.unusable.join(", ")
-            ));
-        }
-        if selection.recipients.is_empty() {
+        if selection.recipients.is_empty() && selection.unusable.is_empty() {
             notes.push(format!(
                 "no {audience} recipient: no active, eligible contact of {company_id:?} subscribes to {group:?}"
             ));
         }
-        deliveries.extend(
-            selection
-                .recipients
-                .into_iter()
-                .map(|recipient| NewDelivery {
-                    audience,
-                    contact_id: recipient.contact_id,
-                    recipient_name: recipient.name,
-                    recipient_email: recipient.email,
-                    message_id: new_message_id(event.id, &settings.brand.sender_email),
-                }),
-        );
+        // A contact whose address is not a mailbox gets a delivery that is dead from the
+        // start, so that the operator sees whom the notification did not reach, and why.
+        let usable = selection.recipients.into_iter().map(|r| (r, None));
+        let unusable = selection
+            .unusable
+            .into_iter()
+            .map(|(r, reason)| (r, Some(format!("not a valid mailbox: {reason}"))));
+        deliveries.extend(usable.chain(unusable).map(|(recipient, dead)| NewDelivery {
+            audience,
+            contact_id: recipient.contact_id,
+            recipient_name: recipient.name,
+            recipient_email: recipient.email,
+            message_id: new_message_id(event.id, &settings.brand.sender_email),
+            dead,
+        }));
     }
     let note = (!notes.is_empty()).then(|| notes.join("; "));
     Ok(OutboxDecision::Dispatched { deliveries, note })
@@ -109,6 +106,20 @@ pub async fn decide<S: Store>(
 /// The outbox kind is logged in Debug form (quoted, control characters escaped): it is
 /// whatever a producer wrote, and must not be able to forge log lines.
 fn log_decision(event: &OutboxEvent, decision: &OutboxDecision) {
+    if let OutboxDecision::Dispatched { deliveries, .. } = decision {
+        for (delivery, reason) in deliveries
+            .iter()
+            .filter_map(|d| d.dead.as_ref().map(|reason| (d, reason)))
+        {
+            warn!(
+                outbox_id = event.id,
+                kind = ?event.kind,
+                contact_id = ?delivery.contact_id,
+                reason = %reason,
+                "delivery recorded dead: the contact's address is not a mailbox; fix it in the directory for later notifications"
+            );
+        }
+    }
     match decision {
         OutboxDecision::Dispatched {
             deliveries,

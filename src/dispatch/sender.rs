@@ -1,17 +1,19 @@
-//! Sends due deliveries: claim a batch under a lease, then for each one render, wait for the
-//! rate limiter, hand it to the transport and record the outcome before taking the next.
+//! Sends due deliveries: claim a batch under a lease, then for each one check its domain's
+//! rate, render, wait for the global rate limiter, hand it to the transport and record the
+//! outcome before taking the next.
 
-use std::num::NonZeroU32;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use super::retry::RetryPolicy;
-use crate::config::{RateLimitSettings, Settings};
+use super::rate::{RateLimits, recipient_domain};
+use super::retry::{AfterFailure, RetryPolicy};
+use crate::config::Settings;
+use crate::directory::is_plausible_email;
 use crate::render::message::{Envelope, build_message};
 use crate::render::{RecipientView, Renderer};
 use crate::store::{AttemptRecord, ClaimedDelivery, Store, StoreError};
@@ -22,8 +24,22 @@ use crate::transport::{Outcome, Outgoing, Transport, Unavailable};
 pub enum SendError {
     #[error(transparent)]
     Unavailable(#[from] Unavailable),
+    /// The relay answered 421 (it is closing the session, usually from overload): the batch
+    /// stops and sending pauses, so that herald backs off instead of hammering it.
+    #[error("the relay is shedding load: {0}")]
+    Throttled(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What one sending pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendSummary {
+    /// Deliveries attempted (sent, rescheduled or dead).
+    pub attempted: usize,
+    /// When the last of the deliveries put back because their domain's rate was used up
+    /// comes due, if any was.
+    pub postponed_until: Option<DateTime<Utc>>,
 }
 
 pub struct Sender<S> {
@@ -31,14 +47,21 @@ pub struct Sender<S> {
     settings: Arc<Settings>,
     renderer: Arc<Renderer>,
     transport: Transport,
-    limiter: DefaultDirectRateLimiter,
-    /// How many daemons the configured rate is divided among (this one included).
-    sharing_with: u32,
+    limits: RateLimits,
     retry: RetryPolicy,
     /// This daemon's name on the leases it takes.
     owner: String,
     /// The longest one send can take; a delivery whose lease ends sooner is given back.
     send_budget: Duration,
+}
+
+/// How one attempt ended for the batch it belongs to.
+enum Attempted {
+    Recorded {
+        throttled: Option<String>,
+    },
+    /// Shutdown's grace period ran out mid-send: the delivery was given back unrecorded.
+    Abandoned,
 }
 
 impl<S: Store> Sender<S> {
@@ -48,8 +71,7 @@ impl<S: Store> Sender<S> {
             store,
             transport: Transport::from_settings(&settings.transport),
             retry: RetryPolicy::new(settings.retry),
-            limiter: RateLimiter::direct(share_of(&settings.rate_limit, 1)),
-            sharing_with: 1,
+            limits: RateLimits::new(settings.rate_limit.clone()),
             settings,
             renderer,
             owner,
@@ -57,22 +79,21 @@ impl<S: Store> Sender<S> {
         }
     }
 
-    /// Divides the configured rate among `daemons` daemons (this one included), so that the
-    /// rate limit holds for all of them together.
+    /// Divides the configured rates among `daemons` daemons (this one included), so that the
+    /// rate limits hold for all of them together.
     pub fn share_rate_with(&mut self, daemons: u32) {
-        let daemons = daemons.max(1);
-        if daemons != self.sharing_with {
-            self.sharing_with = daemons;
-            self.limiter = RateLimiter::direct(share_of(&self.settings.rate_limit, daemons));
-        }
+        self.limits.share_with(daemons);
     }
 
-    /// Claims the due deliveries (one batch) and sends them. Returns how many were attempted.
-    /// The transport is checked before claiming, so while it is down nothing is claimed and no
-    /// delivery is charged an attempt.
-    pub async fn send_due(&mut self, shutdown: &watch::Receiver<bool>) -> Result<usize, SendError> {
+    /// Claims the due deliveries (one batch) and sends them. The transport is checked before
+    /// claiming, so while it is down nothing is claimed and no delivery is charged an attempt.
+    pub async fn send_due(
+        &mut self,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<SendSummary, SendError> {
+        let mut summary = SendSummary::default();
         if !self.ready_unless_stopping(shutdown).await? {
-            return Ok(0);
+            return Ok(summary);
         }
         let claimed = self
             .store
@@ -83,25 +104,53 @@ impl<S: Store> Sender<S> {
                 Utc::now(),
             )
             .await?;
+        self.limits.forget_idle_domains();
 
-        let mut attempted = 0;
+        let mut later = Postponed::default();
+        let mut outcome = Ok(());
         for (index, delivery) in claimed.iter().enumerate() {
-            let go = self.ready_to_send(delivery, shutdown).await;
-            if !matches!(go, Ok(true)) {
-                let rest: Vec<i64> = claimed[index..].iter().map(|d| d.id).collect();
-                self.store.release(&self.owner, &rest).await?;
-                go?;
-                return Ok(attempted);
+            let domain = recipient_domain(&delivery.recipient_email);
+            if let Err(wait) = self.limits.take_domain_slot(&domain) {
+                later.push(delivery.id, domain, wait.first, wait.spacing);
+                continue;
             }
-            self.attempt(delivery).await?;
-            attempted += 1;
+            let go = self.ready_to_send(delivery, shutdown).await;
+            // Past a delivery that was attempted, the rest of the batch is given back.
+            let rest = if matches!(go, Ok(true)) {
+                index + 1
+            } else {
+                index
+            };
+            let stop = match go {
+                Ok(true) => match self.attempt(delivery, shutdown).await? {
+                    Attempted::Recorded { throttled: None } => {
+                        summary.attempted += 1;
+                        continue;
+                    }
+                    Attempted::Recorded {
+                        throttled: Some(reply),
+                    } => {
+                        summary.attempted += 1;
+                        Err(SendError::Throttled(reply))
+                    }
+                    Attempted::Abandoned => Ok(()),
+                },
+                Ok(false) => Ok(()),
+                Err(unavailable) => Err(unavailable.into()),
+            };
+            let unsent: Vec<i64> = claimed[rest..].iter().map(|d| d.id).collect();
+            self.store.release(&self.owner, &unsent).await?;
+            outcome = stop;
+            break;
         }
-        Ok(attempted)
+        summary.postponed_until = later.due.iter().map(|(_, at)| *at).max();
+        self.store.postpone(&self.owner, &later.due).await?;
+        outcome.map(|()| summary)
     }
 
-    /// Waits for the rate limiter, then says whether this delivery may be sent now: not at
-    /// shutdown, not when its lease could run out mid-send (another daemon could take it over
-    /// and send it too), and not when the transport cannot be reached.
+    /// Waits for the global rate limiter, then says whether this delivery may be sent now: not
+    /// at shutdown, not when its lease could run out mid-send (another daemon could take it
+    /// over and send it too), and not when the transport cannot be reached.
     async fn ready_to_send(
         &mut self,
         delivery: &ClaimedDelivery,
@@ -109,7 +158,7 @@ impl<S: Store> Sender<S> {
     ) -> Result<bool, Unavailable> {
         let mut stop = shutdown.clone();
         tokio::select! {
-            _ = self.limiter.until_ready() => {}
+            () = self.limits.until_global_ready() => {}
             _ = stop.wait_for(|stop| *stop) => {}
         }
         if *shutdown.borrow() || Utc::now() + self.send_budget >= delivery.lease_until {
@@ -131,9 +180,29 @@ impl<S: Store> Sender<S> {
         }
     }
 
-    /// One attempt at one delivery, recorded before returning.
-    async fn attempt(&mut self, delivery: &ClaimedDelivery) -> Result<(), StoreError> {
+    /// One attempt at one delivery, recorded before returning; or, when shutdown's grace
+    /// period ends mid-send, given back unrecorded.
+    async fn attempt(
+        &mut self,
+        delivery: &ClaimedDelivery,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Attempted, StoreError> {
         let attempt = delivery.attempts + 1;
+        let now = Utc::now();
+        if let Some(expired) = self.retry.expired(delivery.queued_at, now) {
+            let error = match &delivery.last_error {
+                Some(last) => format!("{expired}; last error: {last}"),
+                None => expired,
+            };
+            let record = AttemptRecord::Expired { error };
+            let recorded = self
+                .store
+                .record_attempt(delivery.id, &self.owner, &record, now)
+                .await?;
+            log_attempt(delivery, "", delivery.attempts, &record, recorded);
+            return Ok(Attempted::Recorded { throttled: None });
+        }
+
         let (outcome, reference) = match self.prepare(delivery) {
             Ok((bytes, reference)) => {
                 let outgoing = Outgoing {
@@ -142,13 +211,32 @@ impl<S: Store> Sender<S> {
                     message_id: &delivery.message_id,
                     bytes: &bytes,
                 };
-                (self.transport.send(outgoing).await, reference)
+                let grace = self.settings.delivery.shutdown_grace;
+                let sent = tokio::select! {
+                    outcome = self.transport.send(outgoing) => Some(outcome),
+                    () = grace_after_shutdown(shutdown, grace) => None,
+                };
+                let Some(outcome) = sent else {
+                    self.transport.abandon();
+                    self.store.release(&self.owner, &[delivery.id]).await?;
+                    warn!(
+                        outbox_id = delivery.outbox_id,
+                        delivery_id = delivery.id,
+                        recipient = %delivery.recipient_email,
+                        grace = ?grace,
+                        "send abandoned at shutdown after the grace period; the delivery will be \
+                         sent again with the same Message-ID (the relay may already have it)"
+                    );
+                    return Ok(Attempted::Abandoned);
+                };
+                (outcome, reference)
             }
-            // A message that cannot be rendered never will be by retrying: dead at once.
+            // A message that cannot be built never will be by retrying: dead at once.
             Err((error, reference)) => (Outcome::Permanent { error, reply: None }, reference),
         };
 
         let now = Utc::now();
+        let mut throttled = None;
         let record = match outcome {
             Outcome::Sent { reply } => AttemptRecord::Sent {
                 smtp_reply: reply,
@@ -158,29 +246,40 @@ impl<S: Store> Sender<S> {
                 error,
                 smtp_reply: reply,
             },
-            Outcome::Transient { error, reply } => match self.retry.delay_after(attempt) {
-                Some(delay) => AttemptRecord::Retry {
-                    error,
-                    smtp_reply: reply,
-                    next_attempt_at: now + delay,
-                },
-                None => AttemptRecord::Dead {
-                    error: format!("gave up after {attempt} attempts; last error: {error}"),
-                    smtp_reply: reply,
-                },
-            },
+            Outcome::Transient { error, reply } => {
+                if let Some(reply) = reply.as_deref().filter(|r| r.starts_with("421")) {
+                    throttled = Some(reply.to_string());
+                }
+                match self.retry.after_failure(attempt, delivery.queued_at, now) {
+                    AfterFailure::RetryAt(next_attempt_at) => AttemptRecord::Retry {
+                        error,
+                        smtp_reply: reply,
+                        next_attempt_at,
+                    },
+                    AfterFailure::GiveUp(why) => AttemptRecord::Dead {
+                        error: format!("{why}; last error: {error}"),
+                        smtp_reply: reply,
+                    },
+                }
+            }
         };
         let recorded = self
             .store
             .record_attempt(delivery.id, &self.owner, &record, now)
             .await?;
         log_attempt(delivery, &reference, attempt, &record, recorded);
-        Ok(())
+        Ok(Attempted::Recorded { throttled })
     }
 
     /// Validates, renders and builds the message. On failure, the reason and what is known of
     /// the reference.
     fn prepare(&self, delivery: &ClaimedDelivery) -> Result<(Vec<u8>, String), (String, String)> {
+        if !is_plausible_email(&delivery.recipient_email) {
+            return Err((
+                format!("not a valid mailbox: {:?}", delivery.recipient_email),
+                String::new(),
+            ));
+        }
         let (_, payload) = self
             .settings
             .catalog
@@ -215,14 +314,32 @@ impl<S: Store> Sender<S> {
     }
 }
 
-/// One daemon's share of the global rate: `per_second / daemons` (one message every
-/// `daemons / per_second` seconds) and `burst / daemons`, at least one.
-fn share_of(rate: &RateLimitSettings, daemons: u32) -> Quota {
-    let period = Duration::from_secs_f64(f64::from(daemons) / f64::from(rate.per_second.get()));
-    let burst = NonZeroU32::new(rate.burst.get() / daemons).unwrap_or(NonZeroU32::MIN);
-    Quota::with_period(period.max(Duration::from_nanos(1)))
-        .expect("a positive period")
-        .allow_burst(burst)
+/// Deliveries put back because their domain's rate was used up, each at the time its slot
+/// frees up: the n-th one of a domain in a batch waits n slots more, so that a large batch to
+/// one domain is spread over its rate instead of coming back all at once.
+#[derive(Default)]
+struct Postponed {
+    due: Vec<(i64, DateTime<Utc>)>,
+    per_domain: HashMap<String, u32>,
+}
+
+impl Postponed {
+    fn push(&mut self, delivery_id: i64, domain: String, first: Duration, spacing: Duration) {
+        let waiting = self.per_domain.entry(domain).or_default();
+        let at = Utc::now() + first + spacing * *waiting;
+        *waiting += 1;
+        self.due.push((delivery_id, at));
+    }
+}
+
+/// Completes `grace` after shutdown was asked for; never before.
+async fn grace_after_shutdown(shutdown: &watch::Receiver<bool>, grace: Duration) {
+    let mut stop = shutdown.clone();
+    if stop.wait_for(|stop| *stop).await.is_err() {
+        // The sender of the shutdown signal is gone: no shutdown will come.
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(grace).await;
 }
 
 fn log_attempt(
@@ -269,6 +386,16 @@ fn log_attempt(
             next_attempt_at = %next_attempt_at.to_rfc3339(),
             "delivery failed, will retry"
         ),
+        AttemptRecord::Expired { error } => error!(
+            outbox_id = delivery.outbox_id,
+            delivery_id = delivery.id,
+            kind = %delivery.kind,
+            recipient = %delivery.recipient_email,
+            attempts = attempt,
+            outcome = "dead",
+            error = %error,
+            "delivery expired: it will not be sent; `herald retry --dead --delivery ID` sends it anyway"
+        ),
         AttemptRecord::Dead { error, smtp_reply } => error!(
             outbox_id = delivery.outbox_id,
             delivery_id = delivery.id,
@@ -281,40 +408,5 @@ fn log_attempt(
             error = %error,
             "delivery is dead: it will not be retried"
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::num::NonZeroU32;
-    use std::time::Duration;
-
-    use super::share_of;
-    use crate::config::RateLimitSettings;
-
-    fn rate(per_second: u32, burst: u32) -> RateLimitSettings {
-        RateLimitSettings {
-            per_second: NonZeroU32::new(per_second).unwrap(),
-            burst: NonZeroU32::new(burst).unwrap(),
-        }
-    }
-
-    #[test]
-    fn the_global_rate_is_divided_among_the_daemons() {
-        let alone = share_of(&rate(30, 9), 1);
-        assert_eq!(alone.replenish_interval(), Duration::from_secs(1) / 30);
-        assert_eq!(alone.burst_size().get(), 9);
-
-        let one_of_three = share_of(&rate(30, 9), 3);
-        assert_eq!(
-            one_of_three.replenish_interval(),
-            Duration::from_secs(1) / 10
-        );
-        assert_eq!(one_of_three.burst_size().get(), 3);
-
-        // Fewer messages per second than daemons: one message every few seconds each.
-        let sparse = share_of(&rate(1, 1), 4);
-        assert_eq!(sparse.replenish_interval(), Duration::from_secs(4));
-        assert_eq!(sparse.burst_size().get(), 1);
     }
 }

@@ -9,7 +9,8 @@ use tokio::sync::Notify;
 use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
 use super::{
-    AttemptRecord, ClaimedDelivery, ImportSummary, OutboxDecision, StatusReport, Store, StoreError,
+    AttemptRecord, ClaimedDelivery, ImportSummary, OutboxDecision, RequeueRequest, RequeueSummary,
+    StatusReport, Store, StoreError,
 };
 use crate::directory::{Contact, DirectoryFile};
 use crate::outbox::OutboxEvent;
@@ -113,6 +114,22 @@ impl Store for Database {
 
     async fn release(&self, owner: &str, delivery_ids: &[i64]) -> Result<(), StoreError> {
         forward!(self, s => s.release(owner, delivery_ids).await)
+    }
+
+    async fn postpone(
+        &self,
+        owner: &str,
+        deliveries: &[(i64, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
+        forward!(self, s => s.postpone(owner, deliveries).await)
+    }
+
+    async fn requeue(
+        &self,
+        request: RequeueRequest,
+        now: DateTime<Utc>,
+    ) -> Result<RequeueSummary, StoreError> {
+        forward!(self, s => s.requeue(request, now).await)
     }
 
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {

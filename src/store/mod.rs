@@ -75,6 +75,9 @@ pub struct NewDelivery {
     pub recipient_name: String,
     pub recipient_email: String,
     pub message_id: String,
+    /// Set when the delivery can never be sent (the address is not a mailbox): it is recorded
+    /// dead at once with this reason, so that `herald status` shows it.
+    pub dead: Option<String>,
 }
 
 /// What became of an outbox row.
@@ -101,6 +104,11 @@ pub struct ClaimedDelivery {
     pub recipient_email: String,
     /// Attempts made before this one.
     pub attempts: u32,
+    /// Why the previous attempt failed, if one did.
+    pub last_error: Option<String>,
+    /// When the delivery was queued (planned, or requeued by an operator); `retry.max_age`
+    /// counts from here.
+    pub queued_at: DateTime<Utc>,
     pub message_id: String,
     /// The outbox row's payload as stored (see [`OutboxEvent::payload`]).
     pub payload: Vec<u8>,
@@ -123,6 +131,25 @@ pub enum AttemptRecord {
         error: String,
         smtp_reply: Option<String>,
     },
+    /// Dead without another attempt: it waited longer than `retry.max_age`.
+    Expired { error: String },
+}
+
+/// What `herald retry` requeues: retrying deliveries (made due now), or with `dead` the dead
+/// deliveries and failed outbox rows; narrowed to one outbox row or one delivery.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequeueRequest {
+    pub dead: bool,
+    pub event: Option<i64>,
+    pub delivery: Option<i64>,
+}
+
+/// What `herald retry` changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequeueSummary {
+    pub deliveries: u64,
+    /// Failed outbox rows set back to pending, to be validated and expanded again.
+    pub events: u64,
 }
 
 /// Counts for `herald status`.
@@ -219,6 +246,22 @@ pub trait Store: Clone + Send + Sync + 'static {
         owner: &str,
         delivery_ids: &[i64],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Gives leased deliveries back to be tried at the given times, without counting an attempt
+    /// (a recipient domain's rate limit said "not yet").
+    fn postpone(
+        &self,
+        owner: &str,
+        deliveries: &[(i64, DateTime<Utc>)],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Requeues what an operator chose (`herald retry`). A dead delivery starts afresh: no
+    /// attempts counted, queued now, the same Message-ID.
+    fn requeue(
+        &self,
+        request: RequeueRequest,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<RequeueSummary, StoreError>> + Send;
 
     /// When the next queued or retrying delivery comes due, if any; `now` or earlier means
     /// work is due.

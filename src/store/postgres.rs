@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::{
     AttemptRecord, ClaimedDelivery, ImportSummary, OutboxDecision, PAYLOAD_READ_LIMIT,
-    StatusReport, Store, StoreError, parse_audience, redact_url,
+    RequeueRequest, RequeueSummary, StatusReport, Store, StoreError, parse_audience, redact_url,
 };
 use crate::directory::{Contact, DirectoryFile};
 use crate::outbox::OutboxEvent;
@@ -113,6 +113,8 @@ type ClaimedRow = (
     i32,
     String,
     Vec<u8>,
+    Option<String>,
+    DateTime<Utc>,
 );
 
 impl Store for PgStore {
@@ -307,11 +309,14 @@ impl Store for PgStore {
             };
             sqlx::query(
                 "INSERT INTO herald_deliveries (outbox_id, kind, audience, contact_id,
-                    recipient_name, recipient_email, message_id, next_attempt_at)
-                 SELECT o.id, o.kind, t.audience, t.contact_id, t.name, t.email, t.message_id, now()
+                    recipient_name, recipient_email, message_id, next_attempt_at,
+                    state, last_error)
+                 SELECT o.id, o.kind, t.audience, t.contact_id, t.name, t.email, t.message_id,
+                    now(), CASE WHEN t.dead IS NULL THEN 'queued' ELSE 'dead' END, t.dead
                  FROM herald_outbox o,
-                      unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
-                        AS t(audience, contact_id, name, email, message_id)
+                      unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                             $7::text[])
+                        AS t(audience, contact_id, name, email, message_id, dead)
                  WHERE o.id = $1
                  ON CONFLICT DO NOTHING",
             )
@@ -321,6 +326,12 @@ impl Store for PgStore {
             .bind(column(|d| &d.recipient_name))
             .bind(column(|d| &d.recipient_email))
             .bind(column(|d| &d.message_id))
+            .bind(
+                deliveries
+                    .iter()
+                    .map(|d| d.dead.clone())
+                    .collect::<Vec<Option<String>>>(),
+            )
             .execute(&mut *tx)
             .await?;
         }
@@ -349,7 +360,8 @@ impl Store for PgStore {
              WHERE d.id = due.id AND o.id = d.outbox_id
              RETURNING d.id, d.outbox_id, d.kind, d.audience, d.contact_id, d.recipient_name,
                 d.recipient_email, d.attempts, d.message_id,
-                substring(convert_to(o.payload, 'UTF8') FROM 1 FOR $4)",
+                substring(convert_to(o.payload, 'UTF8') FROM 1 FOR $4),
+                d.last_error, coalesce(d.queued_at, d.created_at)",
         )
         .bind(owner)
         .bind(seconds(lease))
@@ -374,6 +386,8 @@ impl Store for PgStore {
                     attempts,
                     message_id,
                     payload,
+                    last_error,
+                    queued_at,
                 ) = row;
                 Ok(ClaimedDelivery {
                     id,
@@ -386,6 +400,8 @@ impl Store for PgStore {
                     attempts: u32::try_from(attempts).unwrap_or_default(),
                     message_id,
                     payload,
+                    last_error,
+                    queued_at,
                     lease_until,
                 })
             })
@@ -438,8 +454,83 @@ impl Store for PgStore {
             .bind(owner)
             .bind(error)
             .bind(smtp_reply),
+            AttemptRecord::Expired { error } => sqlx::query(
+                "UPDATE herald_deliveries
+                 SET state = 'dead', last_error = $3,
+                     lease_owner = NULL, lease_until = NULL, updated_at = now()
+                 WHERE id = $1 AND lease_owner = $2",
+            )
+            .bind(delivery_id)
+            .bind(owner)
+            .bind(error),
         };
         Ok(query.execute(&self.pool).await?.rows_affected() == 1)
+    }
+
+    async fn postpone(
+        &self,
+        owner: &str,
+        deliveries: &[(i64, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let (ids, times): (Vec<i64>, Vec<DateTime<Utc>>) = deliveries.iter().copied().unzip();
+        sqlx::query(
+            "UPDATE herald_deliveries d
+             SET next_attempt_at = due.at, lease_owner = NULL, lease_until = NULL
+             FROM unnest($2::bigint[], $3::timestamptz[]) AS due(id, at)
+             WHERE d.lease_owner = $1 AND d.id = due.id",
+        )
+        .bind(owner)
+        .bind(ids)
+        .bind(times)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn requeue(
+        &self,
+        request: RequeueRequest,
+        _now: DateTime<Utc>,
+    ) -> Result<RequeueSummary, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let deliveries = if request.dead {
+            sqlx::query(
+                "UPDATE herald_deliveries
+                 SET state = 'queued', attempts = 0, next_attempt_at = now(), queued_at = now(),
+                     updated_at = now()
+                 WHERE state = 'dead' AND ($1::bigint IS NULL OR outbox_id = $1)
+                   AND ($2::bigint IS NULL OR id = $2)",
+            )
+        } else {
+            sqlx::query(
+                "UPDATE herald_deliveries SET next_attempt_at = now(), updated_at = now()
+                 WHERE state = 'retrying' AND ($1::bigint IS NULL OR outbox_id = $1)
+                   AND ($2::bigint IS NULL OR id = $2)",
+            )
+        }
+        .bind(request.event)
+        .bind(request.delivery)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let events = if request.dead && request.delivery.is_none() {
+            sqlx::query(
+                "UPDATE herald_outbox
+                 SET state = 'pending', processed_at = NULL, reason = NULL, lease_until = NULL
+                 WHERE state = 'failed' AND ($1::bigint IS NULL OR id = $1)",
+            )
+            .bind(request.event)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+        } else {
+            0
+        };
+        tx.commit().await?;
+        Ok(RequeueSummary { deliveries, events })
     }
 
     async fn release(&self, owner: &str, delivery_ids: &[i64]) -> Result<(), StoreError> {
@@ -494,7 +585,7 @@ impl Store for PgStore {
                 SELECT 'delivery ' || id || ' to ' || recipient_email || ' (outbox ' || outbox_id || ')',
                        last_error, updated_at, id
                 FROM herald_deliveries WHERE state = 'dead') t
-             ORDER BY at DESC, id DESC LIMIT 10",
+             ORDER BY at DESC, id DESC LIMIT 20",
         )
         .fetch_all(&self.pool)
         .await?;

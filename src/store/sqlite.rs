@@ -13,7 +13,8 @@ use tokio::sync::Notify;
 
 use super::{
     AttemptRecord, ClaimedDelivery, ImportSummary, OutboxDecision, PAYLOAD_READ_LIMIT,
-    StatusReport, Store, StoreError, format_timestamp, parse_audience, parse_timestamp,
+    RequeueRequest, RequeueSummary, StatusReport, Store, StoreError, format_timestamp,
+    parse_audience, parse_timestamp,
 };
 use crate::directory::{Contact, DirectoryFile};
 use crate::outbox::OutboxEvent;
@@ -301,8 +302,10 @@ impl Store for SqliteStore {
                 sqlx::query(
                     "INSERT INTO herald_deliveries (outbox_id, kind, audience, contact_id,
                         recipient_name, recipient_email, message_id, next_attempt_at,
-                        created_at, updated_at)
-                     SELECT id, kind, $2, $3, $4, $5, $6, $7, $7, $7 FROM herald_outbox WHERE id = $1
+                        created_at, updated_at, state, last_error)
+                     SELECT id, kind, $2, $3, $4, $5, $6, $7, $7, $7,
+                        CASE WHEN $8 IS NULL THEN 'queued' ELSE 'dead' END, $8
+                     FROM herald_outbox WHERE id = $1
                      ON CONFLICT DO NOTHING",
                 )
                 .bind(outbox_id)
@@ -312,6 +315,7 @@ impl Store for SqliteStore {
                 .bind(&delivery.recipient_email)
                 .bind(&delivery.message_id)
                 .bind(&now)
+                .bind(&delivery.dead)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -340,7 +344,8 @@ impl Store for SqliteStore {
              RETURNING id, outbox_id, kind, audience, contact_id, recipient_name,
                 recipient_email, attempts, message_id,
                 (SELECT substr(CAST(payload AS BLOB), 1, $5) FROM herald_outbox o
-                 WHERE o.id = outbox_id)",
+                 WHERE o.id = outbox_id),
+                last_error, coalesce(queued_at, created_at)",
         )
         .bind(owner)
         .bind(format_timestamp(lease_until))
@@ -363,6 +368,8 @@ impl Store for SqliteStore {
                     attempts: row.try_get(7)?,
                     message_id: row.try_get(8)?,
                     payload: row.try_get(9)?,
+                    last_error: row.try_get(10)?,
+                    queued_at: parse_timestamp(row.try_get(11)?)?,
                     lease_until,
                 })
             })
@@ -420,8 +427,88 @@ impl Store for SqliteStore {
             .bind(error)
             .bind(smtp_reply)
             .bind(now),
+            AttemptRecord::Expired { error } => sqlx::query(
+                "UPDATE herald_deliveries
+                 SET state = 'dead', last_error = $3,
+                     lease_owner = NULL, lease_until = NULL, updated_at = $4
+                 WHERE id = $1 AND lease_owner = $2",
+            )
+            .bind(delivery_id)
+            .bind(owner)
+            .bind(error)
+            .bind(now),
         };
         Ok(query.execute(&self.pool).await?.rows_affected() == 1)
+    }
+
+    async fn postpone(
+        &self,
+        owner: &str,
+        deliveries: &[(i64, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let due: Vec<(i64, String)> = deliveries
+            .iter()
+            .map(|(id, at)| (*id, format_timestamp(*at)))
+            .collect();
+        sqlx::query(
+            "UPDATE herald_deliveries
+             SET next_attempt_at = due.value ->> 1, lease_owner = NULL, lease_until = NULL
+             FROM json_each($2) AS due
+             WHERE lease_owner = $1 AND herald_deliveries.id = due.value ->> 0",
+        )
+        .bind(owner)
+        .bind(serde_json::to_string(&due).expect("pairs serialise"))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn requeue(
+        &self,
+        request: RequeueRequest,
+        now: DateTime<Utc>,
+    ) -> Result<RequeueSummary, StoreError> {
+        let now = format_timestamp(now);
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let deliveries = if request.dead {
+            sqlx::query(
+                "UPDATE herald_deliveries
+                 SET state = 'queued', attempts = 0, next_attempt_at = $1, queued_at = $1,
+                     updated_at = $1
+                 WHERE state = 'dead' AND ($2 IS NULL OR outbox_id = $2)
+                   AND ($3 IS NULL OR id = $3)",
+            )
+        } else {
+            sqlx::query(
+                "UPDATE herald_deliveries SET next_attempt_at = $1, updated_at = $1
+                 WHERE state = 'retrying' AND ($2 IS NULL OR outbox_id = $2)
+                   AND ($3 IS NULL OR id = $3)",
+            )
+        }
+        .bind(&now)
+        .bind(request.event)
+        .bind(request.delivery)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let events = if request.dead && request.delivery.is_none() {
+            sqlx::query(
+                "UPDATE herald_outbox
+                 SET state = 'pending', processed_at = NULL, reason = NULL, lease_until = NULL
+                 WHERE state = 'failed' AND ($1 IS NULL OR id = $1)",
+            )
+            .bind(request.event)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+        } else {
+            0
+        };
+        tx.commit().await?;
+        Ok(RequeueSummary { deliveries, events })
     }
 
     async fn release(&self, owner: &str, delivery_ids: &[i64]) -> Result<(), StoreError> {
@@ -478,7 +565,7 @@ impl Store for SqliteStore {
                 SELECT 'delivery ' || id || ' to ' || recipient_email || ' (outbox ' || outbox_id || ')',
                        last_error, updated_at
                 FROM herald_deliveries WHERE state = 'dead')
-             ORDER BY at DESC, what DESC LIMIT 10",
+             ORDER BY at DESC, what DESC LIMIT 20",
         )
         .fetch_all(&self.pool)
         .await?;

@@ -75,6 +75,14 @@ impl Transport {
         }
     }
 
+    /// Drops the connection without a word, after a send was abandoned midway: the session
+    /// is out of step and must not be reused.
+    pub fn abandon(&mut self) {
+        if let Self::Smtp(smtp) = self {
+            smtp.abandon();
+        }
+    }
+
     /// Ends the session politely (SMTP QUIT); used at shutdown.
     pub async fn close(&mut self) {
         if let Self::Smtp(smtp) = self {

@@ -139,6 +139,10 @@ impl SmtpTransport {
         outcome
     }
 
+    pub fn abandon(&mut self) {
+        self.connection = None;
+    }
+
     pub async fn close(&mut self) {
         match self.connection.take() {
             Some(Connection::Plain(client)) => drop(client.quit().await),

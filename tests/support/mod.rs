@@ -91,7 +91,11 @@ pub struct Options {
     pub sink: Sink,
     pub max_attempts: u32,
     pub initial_backoff: &'static str,
+    pub max_age: &'static str,
     pub per_second: u32,
+    /// YAML lines added under `rate_limit:` (indented by two spaces), e.g. `per_domain`.
+    pub rate_limit_extra: &'static str,
+    pub shutdown_grace: &'static str,
     pub smtp_timeout: &'static str,
     /// The templates folder; the repository's own when `None`.
     pub templates: Option<PathBuf>,
@@ -109,7 +113,10 @@ impl Options {
             sink,
             max_attempts: 3,
             initial_backoff: "100ms",
+            max_age: "1d",
             per_second: 1000,
+            rate_limit_extra: "",
+            shutdown_grace: "5s",
             smtp_timeout: "5s",
             templates: None,
         }
@@ -258,6 +265,37 @@ impl TestEnv {
         }
     }
 
+    /// (recipient, state, attempts, last error, SMTP reply) per delivery, in id order.
+    pub async fn deliveries(&self) -> Vec<(String, String, i64, Option<String>, Option<String>)> {
+        self.rows(
+            "SELECT recipient_email, state, CAST(attempts AS TEXT), last_error, smtp_reply \
+             FROM herald_deliveries ORDER BY id",
+        )
+        .await
+        .into_iter()
+        .map(|r| {
+            let text = |i: usize| r[i].clone().unwrap_or_default();
+            (
+                text(0),
+                text(1),
+                text(2).parse().unwrap(),
+                r[3].clone(),
+                r[4].clone(),
+            )
+        })
+        .collect()
+    }
+
+    /// Runs `herald run --drain`: whether it succeeded, and its log.
+    pub async fn drain(&self) -> (bool, String) {
+        let mut command = tokio::process::Command::from(self.herald_command(&["run", "--drain"]));
+        let output = command.output().await.unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
     /// The first column of the first row, as text.
     pub async fn value(&self, sql: &str) -> Option<String> {
         self.rows(sql)
@@ -326,9 +364,10 @@ fn config_yaml(dir: &Path, database_url: &str, options: &Options) -> String {
     format!(
         "database:\n  url: {database_url}\n  poll_interval: 200ms\n\
          transport:\n  {transport}\n\
-         rate_limit:\n  per_second: {per_second}\n  burst: {per_second}\n\
+         rate_limit:\n  per_second: {per_second}\n  burst: {per_second}\n{rate_limit_extra}\
          retry:\n  max_attempts: {max_attempts}\n  initial_backoff: {backoff}\n  max_backoff: 1s\n\
-         delivery:\n  batch_size: 50\n  lease: 1m\n\
+         \x20 max_age: {max_age}\n\
+         delivery:\n  batch_size: 50\n  lease: 1m\n  shutdown_grace: {shutdown_grace}\n\
          templates:\n  dir: {templates}\n  samples: {samples}\n\
          brand:\n  name: Interlink Exchange\n  tagline: Connectivity on demand\n\
          \x20 website_url: https://www.interlink.example\n  portal_url: https://portal.interlink.example\n\
@@ -340,6 +379,9 @@ fn config_yaml(dir: &Path, database_url: &str, options: &Options) -> String {
         per_second = options.per_second,
         max_attempts = options.max_attempts,
         backoff = options.initial_backoff,
+        max_age = options.max_age,
+        rate_limit_extra = options.rate_limit_extra,
+        shutdown_grace = options.shutdown_grace,
         templates = options
             .templates
             .clone()

@@ -40,6 +40,8 @@ struct State {
     transactions: Vec<Transaction>,
     connections: usize,
     data_delay: Duration,
+    /// Offer AUTH and refuse every login (for tests that a password never leaks).
+    refuse_logins: bool,
 }
 
 #[derive(Clone)]
@@ -102,6 +104,11 @@ impl ScriptedSmtp {
             .extend(steps.iter().cloned());
     }
 
+    /// Offers AUTH PLAIN and LOGIN, and answers every attempt with 535.
+    pub fn refuse_logins(&self) {
+        self.state.lock().unwrap().refuse_logins = true;
+    }
+
     /// Waits this long before answering the end of DATA (for shutdown tests).
     pub fn delay_data(&self, delay: Duration) {
         self.state.lock().unwrap().data_delay = delay;
@@ -145,7 +152,13 @@ async fn serve(stream: tokio::net::TcpStream, state: Arc<Mutex<State>>, connecti
         }
         let command = line.trim_end().to_ascii_uppercase();
         let reply: String = if command.starts_with("EHLO") {
-            "250-scripted\r\n250 8BITMIME\r\n".into()
+            if state.lock().unwrap().refuse_logins {
+                "250-scripted\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n".into()
+            } else {
+                "250-scripted\r\n250 8BITMIME\r\n".into()
+            }
+        } else if command.starts_with("AUTH") {
+            "535 5.7.8 Authentication credentials invalid\r\n".into()
         } else if command.starts_with("HELO") || command.starts_with("MAIL FROM") {
             "250 2.1.0 Ok\r\n".into()
         } else if command.starts_with("RCPT TO") {

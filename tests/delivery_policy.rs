@@ -1,0 +1,351 @@
+//! The delivery policy an operator relies on: the maximum age of a delivery, per-domain rate
+//! limits that never hold up other domains, backing off after a 421, the shutdown grace
+//! period, and requeueing with `herald retry`.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use herald::store::Store;
+use support::scripted_smtp::{ScriptedSmtp, Step};
+use support::{Backend, Options, Sink, TestEnv, free_port};
+
+/// A time as either backend prints it (`2026-12-04T18:00:00.123Z` or
+/// `2026-12-04 18:00:00.123+00`).
+fn parse_db_time(text: &str) -> DateTime<Utc> {
+    let text = text.replacen(' ', "T", 1);
+    let text = if text.ends_with("+00") {
+        format!("{text}:00")
+    } else {
+        text
+    };
+    DateTime::parse_from_rfc3339(&text)
+        .unwrap_or_else(|err| panic!("{text}: {err}"))
+        .to_utc()
+}
+
+/// (recipient, sent at) of every sent delivery.
+async fn sent_times(env: &TestEnv) -> Vec<(String, DateTime<Utc>)> {
+    env.rows(
+        "SELECT recipient_email, CAST(sent_at AS TEXT) FROM herald_deliveries \
+         WHERE state = 'sent' ORDER BY sent_at",
+    )
+    .await
+    .into_iter()
+    .map(|r| {
+        (
+            r[0].clone().unwrap(),
+            parse_db_time(r[1].as_deref().unwrap()),
+        )
+    })
+    .collect()
+}
+
+fn payload_with_customer(company_id: &str) -> String {
+    let mut payload: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(support::repo_path("examples/payloads/vxc.approved.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    payload["customer"]["company_id"] = company_id.into();
+    payload.to_string()
+}
+
+async fn a_delivery_still_failing_at_max_age_is_dead_with_that_reason(backend: Backend) {
+    let smtp = ScriptedSmtp::start().await;
+    smtp.script(
+        "noc@cloudco.example",
+        &vec![Step::Reply("451 4.3.0 Try again later"); 200],
+    );
+    let mut options = Options::on(backend, Sink::Smtp(smtp.port));
+    options.max_attempts = 1000;
+    options.max_age = "2s";
+    let env = TestEnv::new(options).await;
+    env.enqueue_sample("vxc.speed_change_requested").await;
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (ok, log) = env.drain().await;
+        assert!(ok, "{log}");
+        if env.deliveries().await[0].1 == "dead" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never given up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, state, attempts, error, reply) = env.deliveries().await.remove(0);
+    assert_eq!(state, "dead");
+    assert!(attempts >= 3, "retried until the deadline: {attempts}");
+    let error = error.unwrap();
+    assert!(
+        error.contains("not delivered within 2s of being queued (retry.max_age)")
+            && error.contains("451 4.3.0 Try again later"),
+        "{error}"
+    );
+    assert_eq!(reply.as_deref(), Some("451 4.3.0 Try again later"));
+}
+
+async fn deliveries_older_than_max_age_when_the_relay_returns_expire_unsent(backend: Backend) {
+    let port = free_port();
+    let mut options = Options::on(backend, Sink::Smtp(port));
+    options.max_age = "1s";
+    let env = TestEnv::new(options).await;
+    env.enqueue_sample("vxc.approved").await;
+    assert!(!env.drain().await.0, "the relay is down");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let smtp = ScriptedSmtp::start_on(port).await;
+    let (ok, log) = env.drain().await;
+    assert!(ok, "{log}");
+    assert!(log.contains("delivery expired"), "{log}");
+    let rows = env.deliveries().await;
+    assert_eq!(rows.len(), 2);
+    for (_, state, attempts, error, _) in rows {
+        assert_eq!((state.as_str(), attempts), ("dead", 0));
+        assert_eq!(
+            error.as_deref(),
+            Some("not delivered within 1s of being queued (retry.max_age)")
+        );
+    }
+    assert!(smtp.transactions().is_empty(), "nothing sent late");
+}
+
+async fn a_domain_over_its_rate_waits_while_other_domains_go_out(backend: Backend) {
+    let smtp = ScriptedSmtp::start().await;
+    let mut options = Options::on(backend, Sink::Smtp(smtp.port));
+    options.rate_limit_extra = "  domains:\n    acme.example: { per_second: 2, burst: 1 }\n";
+    let env = TestEnv::new(options).await;
+    // Six deliveries to acme.example come first in the queue, three to cloudco.example after.
+    for _ in 0..3 {
+        env.enqueue_sample("vxc.approved").await;
+    }
+    for _ in 0..3 {
+        env.enqueue_sample("vxc.speed_change_requested").await;
+    }
+
+    let started = Instant::now();
+    let (ok, log) = env.drain().await;
+    assert!(ok, "{log}");
+    let rows = env.deliveries().await;
+    assert!(
+        rows.iter().all(|r| r.1 == "sent" && r.2 == 1),
+        "all sent, a postponement is not an attempt: {rows:?}"
+    );
+    let times = sent_times(&env).await;
+    let acme: Vec<_> = times
+        .iter()
+        .filter(|(to, _)| to.ends_with("@acme.example"))
+        .map(|(_, at)| *at)
+        .collect();
+    let cloudco: Vec<_> = times
+        .iter()
+        .filter(|(to, _)| to.ends_with("@cloudco.example"))
+        .map(|(_, at)| *at)
+        .collect();
+    assert_eq!((acme.len(), cloudco.len()), (6, 3));
+    // 2 per second with a burst of one: six messages span at least 2.5 s.
+    let span = (acme[5] - acme[0]).to_std().unwrap();
+    assert!(span >= Duration::from_millis(2300), "acme paced: {span:?}");
+    // The other domain did not queue behind it.
+    assert!(
+        cloudco[2] < acme[2],
+        "cloudco went out while acme waited: {times:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+async fn a_421_ends_the_batch_and_pauses_before_the_next_message(backend: Backend) {
+    let smtp = ScriptedSmtp::start().await;
+    smtp.script(
+        "dana@acme.example",
+        &[Step::Reply("421 4.7.0 Too busy, closing")],
+    );
+    let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
+    env.enqueue_sample("vxc.approved").await;
+
+    let (ok, log) = env.drain().await;
+    assert!(ok, "{log}");
+    assert!(log.contains("the relay is shedding load; pausing"), "{log}");
+    // The log's own timestamps: when the 421 was recorded, and when the next message went.
+    let logged_at = |needle: &str| {
+        let line = log
+            .lines()
+            .find(|line| line.contains(needle))
+            .unwrap_or_else(|| panic!("{needle} in {log}"));
+        parse_db_time(line.split_whitespace().next().unwrap())
+    };
+    let throttled_at = logged_at("recipient=dana@acme.example attempt=1 outcome=\"retrying\"");
+    let next_sent_at = logged_at("recipient=pat@acme.example attempt=1 outcome=\"sent\"");
+    assert!(
+        (next_sent_at - throttled_at).to_std().unwrap() >= Duration::from_millis(450),
+        "paused after the 421: {throttled_at} then {next_sent_at}"
+    );
+    assert!(smtp.connections() >= 2, "the 421 closed the session");
+}
+
+async fn sigterm_abandons_a_send_that_outlasts_the_grace_period(backend: Backend) {
+    let smtp = ScriptedSmtp::start().await;
+    smtp.delay_data(Duration::from_secs(30));
+    let mut options = Options::on(backend, Sink::Smtp(smtp.port));
+    options.shutdown_grace = "1s";
+    options.smtp_timeout = "10s";
+    let env = TestEnv::new(options).await;
+    env.enqueue_sample("vxc.approved").await;
+    let daemon = tokio::process::Command::from(env.herald_command(&["run"]))
+        .kill_on_drop(true)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env
+        .value("SELECT CAST(count(*) AS TEXT) FROM herald_deliveries WHERE lease_owner IS NOT NULL")
+        .await
+        .as_deref()
+        != Some("2")
+    {
+        assert!(Instant::now() < deadline, "claimed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // the message is in flight
+    let asked = Instant::now();
+    support::terminate(daemon.id().unwrap());
+    let output = tokio::time::timeout(Duration::from_secs(10), daemon.wait_with_output())
+        .await
+        .expect("stops")
+        .unwrap();
+    let stopped_after = asked.elapsed();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(4)).contains(&stopped_after),
+        "waited out the 1 s grace, no more: {stopped_after:?}"
+    );
+    assert!(log.contains("send abandoned at shutdown"), "{log}");
+    let rows = env
+        .rows("SELECT state, CAST(attempts AS TEXT), lease_owner FROM herald_deliveries")
+        .await;
+    for row in rows {
+        assert_eq!(
+            row,
+            [Some("queued".into()), Some("0".into()), None],
+            "given back whole, no attempt charged"
+        );
+    }
+
+    smtp.delay_data(Duration::ZERO);
+    let (ok, log) = env.drain().await;
+    assert!(ok, "{log}");
+    assert!(env.deliveries().await.iter().all(|r| r.1 == "sent"));
+}
+
+async fn herald_retry_requeues_what_the_operator_chooses(backend: Backend) {
+    let smtp = ScriptedSmtp::start().await;
+    smtp.script(
+        "dana@acme.example",
+        &[Step::Reply("550 5.1.1 Mailbox unavailable")],
+    );
+    let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
+    env.enqueue_sample("vxc.approved").await;
+    let failed_event = env
+        .store()
+        .await
+        .enqueue("vxc.approved", &payload_with_customer("globex"), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(env.drain().await.0);
+    let (dead_id, message_id) = {
+        let row = env
+            .rows("SELECT CAST(id AS TEXT), message_id FROM herald_deliveries WHERE state = 'dead'")
+            .await
+            .remove(0);
+        (row[0].clone().unwrap(), row[1].clone().unwrap())
+    };
+
+    // status names the dead delivery and the failed row, with their reasons.
+    let status = env.herald(&["status"]);
+    let out = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        out.contains(&format!(
+            "delivery {dead_id} to dana@acme.example (outbox 1): server replied 550 5.1.1 Mailbox unavailable"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("outbox {failed_event} (vxc.approved): payload field \"customer.company_id\": company \"globex\" is not in the directory")),
+        "{out}"
+    );
+    assert!(out.contains("herald retry --dead"), "{out}");
+
+    // Without --dead nothing dead moves.
+    let plain = env.herald(&["retry"]);
+    let out = String::from_utf8_lossy(&plain.stdout);
+    assert!(plain.status.success());
+    assert!(out.contains("0 retrying deliveries are due now"), "{out}");
+    assert!(out.contains("dead deliveries need --dead"), "{out}");
+
+    // One dead delivery, requeued: sent with the same Message-ID, attempts counted afresh.
+    let one = env.herald(&["retry", "--dead", "--delivery", &dead_id]);
+    let out = String::from_utf8_lossy(&one.stdout);
+    assert!(
+        out.contains(&format!(
+            "requeued 1 dead deliveries and 0 failed outbox rows (delivery {dead_id})"
+        )),
+        "{out}"
+    );
+    assert!(env.drain().await.0);
+    let dana = env
+        .rows(&format!(
+            "SELECT state, CAST(attempts AS TEXT), message_id FROM herald_deliveries WHERE id = {dead_id}"
+        ))
+        .await
+        .remove(0);
+    assert_eq!(
+        dana,
+        [Some("sent".into()), Some("1".into()), Some(message_id)]
+    );
+
+    // The failed row, once its company exists, is checked and expanded again.
+    env.execute(
+        "INSERT INTO herald_companies (id, name) VALUES ('globex', 'Globex');
+         INSERT INTO herald_contacts (id, company_id, name, email, role)
+             VALUES ('globex-kim', 'globex', 'Kim Lee', 'kim@globex.example', 'company_admin');
+         INSERT INTO herald_contact_groups (contact_id, group_name) VALUES ('globex-kim', 'ordering');",
+    )
+    .await
+    .unwrap();
+    let event = env.herald(&["retry", "--dead", "--event", &failed_event.to_string()]);
+    let out = String::from_utf8_lossy(&event.stdout);
+    assert!(
+        out.contains(&format!(
+            "requeued 0 dead deliveries and 1 failed outbox rows of outbox row {failed_event}"
+        )),
+        "{out}"
+    );
+    assert!(env.drain().await.0);
+    assert!(
+        smtp.accepted()
+            .iter()
+            .any(|t| t.rcpt == "kim@globex.example"),
+        "the corrected row was sent"
+    );
+    assert_eq!(
+        env.value(&format!(
+            "SELECT status FROM herald_outbox_status WHERE id = {failed_event}"
+        ))
+        .await
+        .as_deref(),
+        Some("done")
+    );
+}
+
+on_both_backends!(
+    a_delivery_still_failing_at_max_age_is_dead_with_that_reason,
+    deliveries_older_than_max_age_when_the_relay_returns_expire_unsent,
+    a_domain_over_its_rate_waits_while_other_domains_go_out,
+    a_421_ends_the_batch_and_pauses_before_the_next_message,
+    sigterm_abandons_a_send_that_outlasts_the_grace_period,
+    herald_retry_requeues_what_the_operator_chooses,
+);
