@@ -283,6 +283,41 @@ async fn sigterm_mid_send_finishes_the_send_and_releases_the_rest(backend: Backe
 }
 
 #[tokio::test]
+async fn a_failed_tls_handshake_charges_nothing_and_says_why() {
+    // A server that answers a TLS ClientHello with plain text and hangs up.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            drop(stream.write_all(b"220 not really TLS\r\n").await);
+        }
+    });
+    let env = TestEnv::new(Options::new(Sink::Smtp(port))).await;
+    let config = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("    tls: none\n", "    tls: implicit\n");
+    std::fs::write(&env.config, config).unwrap();
+    env.enqueue_sample("vxc.approved").await;
+
+    let (ok, log) = env.drain().await;
+    assert!(!ok, "the relay cannot be used");
+    assert!(
+        log.contains(&format!(
+            "cannot open an SMTP session with 127.0.0.1:{port}"
+        )),
+        "{log}"
+    );
+    assert!(
+        env.deliveries()
+            .await
+            .iter()
+            .all(|r| r.1 == "queued" && r.2 == 0),
+        "nothing claimed or charged"
+    );
+}
+
+#[tokio::test]
 async fn a_refused_login_is_reported_without_the_password() {
     let smtp = ScriptedSmtp::start().await;
     smtp.refuse_logins();
