@@ -13,8 +13,8 @@
 //! (`soak::sqlite` alone needs no PostgreSQL server.)
 //!
 //! Each test prints its seed; `HERALD_SOAK_SEED=N` replays the same random faults for the same
-//! deliveries (and, in the kill loop, the same delays between kills). Timing still varies, so
-//! a replay is close to the original run, not identical.
+//! deliveries (and, in the kill loop, the same delays between kills). What an outage or a kill
+//! interrupts still depends on timing, so a replay matches the original closely, not exactly.
 
 mod support;
 
@@ -58,6 +58,14 @@ fn seed(test: &str) -> u64 {
     let seed = from_env("HERALD_SOAK_SEED", fastrand::u64(..));
     eprintln!("{test}: seed {seed} (HERALD_SOAK_SEED={seed} replays it)");
     seed
+}
+
+/// The test's name with its backend, for the figures it prints.
+fn name(test: &str, backend: &Backend) -> String {
+    match backend {
+        Backend::Sqlite => format!("{test}::sqlite"),
+        Backend::Postgres(_) => format!("{test}::postgres"),
+    }
 }
 
 /// Fills the outbox with rows planning to exactly `deliveries` deliveries, in one statement:
@@ -203,7 +211,8 @@ async fn states(env: &TestEnv) -> Vec<Vec<Option<String>>> {
 /// twice, and the daemon's memory stays flat.
 async fn soak(backend: Backend) {
     let deliveries = from_env("HERALD_SOAK_DELIVERIES", CI_DELIVERIES);
-    let seed = seed("soak");
+    let test = name("soak", &backend);
+    let seed = seed(&test);
     let smtp = ScriptedSmtp::start().await;
     let faults = RandomFaults {
         seed,
@@ -307,7 +316,7 @@ async fn soak(backend: Backend) {
         .unwrap();
     let log = std::fs::read_to_string(env.dir.path().join("daemon.log")).unwrap();
     eprintln!(
-        "soak: {deliveries} deliveries sent in {took:.1?} ({:.0}/s); {} SMTP transactions on \
+        "{test}: {deliveries} deliveries sent in {took:.1?} ({:.0}/s); {} SMTP transactions on \
          {} connections, {attempts} attempts recorded; {} answered 451, {} dropped mid-DATA, \
          {} dropped before the reply; server down for {OUTAGE:?} after {outage_at} accepted \
          ({} 'transport unavailable' warnings); {} Message-IDs resent, none accepted twice; \
@@ -333,7 +342,8 @@ async fn soak(backend: Backend) {
 /// a kill may be accepted again, with the same Message-ID: at most one per kill.
 async fn sigkill_loop(backend: Backend) {
     let deliveries = 2_400;
-    let seed = seed("sigkill_loop");
+    let test = name("sigkill_loop", &backend);
+    let seed = seed(&test);
     let mut rng = fastrand::Rng::with_seed(seed);
     let smtp = ScriptedSmtp::start().await;
     // A server that takes 3 ms to accept a message, as a real one takes a moment to queue it:
@@ -419,7 +429,7 @@ async fn sigkill_loop(backend: Backend) {
         .filter(|t| t.complete && t.reply.is_none())
         .count();
     eprintln!(
-        "sigkill_loop: {deliveries} deliveries sent in {took:.1?} through {kills} SIGKILLs; \
+        "{test}: {deliveries} deliveries sent in {took:.1?} through {kills} SIGKILLs; \
          in flight at a kill: {cut} cut off in DATA, {unanswered} with the reply undeliverable, \
          {} accepted but not recorded, so accepted twice (same Message-ID)",
         duplicates.len()
