@@ -1,6 +1,7 @@
 //! A scriptable SMTP server for faults a real server will not produce on demand: a chosen
-//! reply (451, 550, 421) to a chosen recipient's message, a dropped connection, a slow reply.
-//! It speaks just enough SMTP for herald's client and records every transaction.
+//! reply (451, 550, 421) to a chosen recipient's message, a dropped connection, a slow reply,
+//! or, for soak tests, such faults at random from a seed. It speaks just enough SMTP for
+//! herald's client and records every transaction.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::task::JoinHandle;
 
 /// What the server does at the end of one message's DATA.
@@ -19,19 +21,54 @@ pub enum Step {
     Drop,
 }
 
-/// One message that reached the end of DATA.
+/// One message that reached the end of DATA, or whose connection ended during DATA.
 #[derive(Debug, Clone)]
 pub struct Transaction {
     pub rcpt: String,
+    /// Without angle brackets; empty if the message ended before its `Message-ID` header.
     pub message_id: String,
+    /// The reply written to the client; `None` while it is held back, or if none was.
     pub reply: Option<String>,
     pub connection: usize,
+    /// False when the connection ended during DATA, closed by either side.
+    pub complete: bool,
 }
 
 impl Transaction {
     pub fn accepted(&self) -> bool {
         self.reply.as_deref().is_some_and(|r| r.starts_with('2'))
     }
+}
+
+/// Faults drawn at random, for soak tests. Each message's fate is drawn from the seed, the
+/// recipient, the Message-ID without its random part and how many times this server has seen
+/// that message before. A seed thus replays the same faults for the same deliveries on a fresh
+/// database, whatever order the messages arrive in and however the retries interleave.
+#[derive(Debug, Clone, Copy)]
+pub struct RandomFaults {
+    pub seed: u64,
+    /// The share of messages answered `451 4.3.0` at the end of DATA.
+    pub temporary_failures: f64,
+    /// The share of messages whose connection the server closes: half of them in the middle
+    /// of DATA (just after the `Message-ID` header), half at its end, before the reply.
+    pub dropped_connections: f64,
+}
+
+/// What [`RandomFaults`] came to so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultCounts {
+    pub temporary_failures: usize,
+    pub drops_mid_data: usize,
+    pub drops_before_reply: usize,
+}
+
+/// One message's fate under [`RandomFaults`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Accept,
+    TemporaryFailure,
+    DropMidData,
+    DropBeforeReply,
 }
 
 #[derive(Default)]
@@ -42,6 +79,60 @@ struct State {
     data_delay: Duration,
     /// Offer AUTH and refuse every login (for tests that a password never leaks).
     refuse_logins: bool,
+    random: Option<RandomFaults>,
+    /// Per message (see [`RandomFaults`]), how many times its DATA was seen.
+    seen: HashMap<String, u64>,
+    faults: FaultCounts,
+}
+
+impl State {
+    /// Draws the fate of this attempt at the message, counting the fault it brings.
+    fn fate(&mut self, rcpt: &str, message_id: &str) -> Fate {
+        let scripted = self.script.get(rcpt).is_some_and(|steps| !steps.is_empty());
+        let Some(random) = self.random.filter(|_| !scripted) else {
+            return Fate::Accept;
+        };
+        let key = format!("{rcpt} {}", stable_part(message_id));
+        let seen = self.seen.entry(key.clone()).or_default();
+        let attempt = *seen;
+        *seen += 1;
+
+        let mut rng = fastrand::Rng::with_seed(
+            random.seed ^ fnv1a(key.as_bytes()) ^ attempt.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
+        let draw = rng.f64();
+        let drop = random.dropped_connections;
+        let fate = if draw < drop / 2.0 {
+            Fate::DropMidData
+        } else if draw < drop {
+            Fate::DropBeforeReply
+        } else if draw < drop + random.temporary_failures {
+            Fate::TemporaryFailure
+        } else {
+            Fate::Accept
+        };
+        match fate {
+            Fate::Accept => {}
+            Fate::TemporaryFailure => self.faults.temporary_failures += 1,
+            Fate::DropMidData => self.faults.drops_mid_data += 1,
+            Fate::DropBeforeReply => self.faults.drops_before_reply += 1,
+        }
+        fate
+    }
+}
+
+/// A Message-ID without herald's random part (`herald.OUTBOX.RANDOM@domain` gives
+/// `herald.OUTBOX`): the outbox row, which a fresh database numbers the same every run.
+fn stable_part(message_id: &str) -> &str {
+    let local = message_id.split('@').next().unwrap_or(message_id);
+    local.rsplit_once('.').map_or(local, |(stable, _)| stable)
+}
+
+/// FNV-1a: a hash that, unlike the standard library's, is the same on every toolchain.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[derive(Clone)]
@@ -114,6 +205,23 @@ impl ScriptedSmtp {
         self.state.lock().unwrap().data_delay = delay;
     }
 
+    /// Turns on random faults for every message from now on. A recipient's scripted steps
+    /// still come first.
+    pub fn random_faults(&self, faults: RandomFaults) {
+        self.state.lock().unwrap().random = Some(faults);
+    }
+
+    /// The random faults served so far.
+    pub fn fault_counts(&self) -> FaultCounts {
+        self.state.lock().unwrap().faults
+    }
+
+    /// How many messages were accepted so far, without copying the record.
+    pub fn accepted_count(&self) -> usize {
+        let state = self.state.lock().unwrap();
+        state.transactions.iter().filter(|t| t.accepted()).count()
+    }
+
     pub fn transactions(&self) -> Vec<Transaction> {
         self.state.lock().unwrap().transactions.clone()
     }
@@ -167,51 +275,9 @@ async fn serve(stream: tokio::net::TcpStream, state: Arc<Mutex<State>>, connecti
                 .to_string();
             "250 2.1.5 Ok\r\n".into()
         } else if command == "DATA" {
-            if write
-                .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let mut message_id = String::new();
-            loop {
-                line.clear();
-                if lines.read_line(&mut line).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                if line == ".\r\n" {
-                    break;
-                }
-                if message_id.is_empty() && line.to_ascii_lowercase().starts_with("message-id:") {
-                    message_id = line["message-id:".len()..]
-                        .trim()
-                        .trim_matches(['<', '>'])
-                        .to_string();
-                }
-            }
-            let (step, delay) = {
-                let mut state = state.lock().unwrap();
-                let step = state.script.get_mut(&rcpt).and_then(VecDeque::pop_front);
-                (
-                    step.unwrap_or(Step::Reply("250 2.0.0 Ok: queued")),
-                    state.data_delay,
-                )
-            };
-            tokio::time::sleep(delay).await;
-            let reply = match step {
-                Step::Reply(reply) => Some(reply.to_string()),
-                Step::Drop => None,
-            };
-            state.lock().unwrap().transactions.push(Transaction {
-                rcpt: rcpt.clone(),
-                message_id,
-                reply: reply.clone(),
-                connection,
-            });
-            match reply {
-                Some(reply) => format!("{reply}\r\n"),
-                None => return,
+            match data(&mut lines, &mut write, &state, &rcpt, connection).await {
+                Some(reply) if !reply.starts_with("421") => continue,
+                _ => return,
             }
         } else if command == "RSET" || command == "NOOP" {
             "250 2.0.0 Ok\r\n".into()
@@ -224,8 +290,86 @@ async fn serve(stream: tokio::net::TcpStream, state: Arc<Mutex<State>>, connecti
         if write.write_all(reply.as_bytes()).await.is_err() {
             return;
         }
-        if reply.starts_with("421") {
-            return;
+    }
+}
+
+/// One DATA exchange, recorded as a transaction. Returns the reply written, or `None` when
+/// the connection is over.
+async fn data(
+    lines: &mut BufReader<OwnedReadHalf>,
+    write: &mut OwnedWriteHalf,
+    state: &Mutex<State>,
+    rcpt: &str,
+    connection: usize,
+) -> Option<String> {
+    let record = |message_id: &str, complete: bool| {
+        let mut state = state.lock().unwrap();
+        state.transactions.push(Transaction {
+            rcpt: rcpt.to_string(),
+            message_id: message_id.to_string(),
+            reply: None,
+            connection,
+            complete,
+        });
+        state.transactions.len() - 1
+    };
+    write
+        .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        .await
+        .ok()?;
+
+    // The message, up to the lone dot; random faults are drawn once its Message-ID is known.
+    let mut message_id = String::new();
+    let mut fate = None;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line).await.unwrap_or(0) == 0 {
+            record(&message_id, false);
+            return None;
+        }
+        if line == ".\r\n" {
+            break;
+        }
+        if message_id.is_empty() && line.to_ascii_lowercase().starts_with("message-id:") {
+            message_id = line["message-id:".len()..]
+                .trim()
+                .trim_matches(['<', '>'])
+                .to_string();
+            let drawn = state.lock().unwrap().fate(rcpt, &message_id);
+            if drawn == Fate::DropMidData {
+                record(&message_id, false);
+                return None;
+            }
+            fate = Some(drawn);
         }
     }
+
+    // What to answer: a scripted step first, else the drawn fate.
+    let (step, delay) = {
+        let mut state = state.lock().unwrap();
+        let scripted = state.script.get_mut(rcpt).and_then(VecDeque::pop_front);
+        let step = scripted.unwrap_or_else(|| {
+            match fate.unwrap_or_else(|| state.fate(rcpt, &message_id)) {
+                Fate::Accept => Step::Reply("250 2.0.0 Ok: queued"),
+                Fate::TemporaryFailure => Step::Reply("451 4.3.0 Try again later"),
+                Fate::DropMidData | Fate::DropBeforeReply => Step::Drop,
+            }
+        });
+        (step, state.data_delay)
+    };
+    let index = record(&message_id, true);
+    tokio::time::sleep(delay).await;
+
+    // The reply is recorded once written: a reply never sent (the server stopped meanwhile)
+    // is no acceptance, just as the client sees it.
+    let Step::Reply(reply) = step else {
+        return None;
+    };
+    write
+        .write_all(format!("{reply}\r\n").as_bytes())
+        .await
+        .ok()?;
+    state.lock().unwrap().transactions[index].reply = Some(reply.to_string());
+    Some(reply.to_string())
 }
