@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Datelike, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 use serde_json::{Map, Value};
 
 use super::Audience;
@@ -336,6 +336,19 @@ fn check_value(field: &str, ty: &FieldType, value: &Value) -> Result<Value, Payl
                         "{text:?} is outside the years {}-{} that herald accepts",
                         YEARS.start(),
                         YEARS.end()
+                    ),
+                ));
+            }
+            // chrono reads a leap second (`:60`) in any minute, but one is only ever inserted
+            // as the last second of a UTC day; anywhere else it is a time that never existed,
+            // and the email would show it as such.
+            if utc.nanosecond() >= 1_000_000_000 && (utc.hour(), utc.minute()) != (23, 59) {
+                return Err(field_error(
+                    field,
+                    format!(
+                        "{text:?} has a leap second (:60) at {}, which is not a time that exists; \
+                         a leap second can only be 23:59:60 UTC",
+                        utc.format("%H:%M UTC")
                     ),
                 ));
             }

@@ -84,18 +84,19 @@ impl PreferenceSigner {
         )
     }
 
-    /// Checks a token, or a whole link containing `token=`, and says whose it is. A whole link
-    /// must point to the configured preferences page; percent-encoding in the token (which
-    /// some mail clients add) is undone first.
+    /// Checks a token, or a whole link containing `token=`, and says whose it is.
+    ///
+    /// Anything that is not a bare token is a link, and must be exactly the configured page
+    /// followed by its query: a prefix match alone would let `https://page.example.evil.test/`
+    /// (or `page.example@evil.test`, or a page-less `evil.test/?token=…`) pass for the real
+    /// page. Percent-encoding in the token (which some mail clients add) is undone first;
+    /// whitespace around the input (from a copy and paste) is ignored.
     pub fn verify(&self, link_or_token: &str) -> Result<PreferenceIdentity, VerifyError> {
-        let is_link = link_or_token.contains("://");
-        if is_link && !link_or_token.starts_with(&self.base_url) {
-            return Err(VerifyError::WrongPage);
-        }
-        let token = match link_or_token.split_once("token=") {
-            Some((_, rest)) => rest.split(['&', '#']).next().unwrap_or_default(),
-            None if is_link => return Err(VerifyError::Missing),
-            None => link_or_token,
+        let input = link_or_token.trim();
+        let token = if is_bare_token(input) {
+            input
+        } else {
+            self.token_in_link(input)?
         };
         let token = percent_decode(token).ok_or(VerifyError::Malformed)?;
         let mut parts = token.split('.');
@@ -116,6 +117,38 @@ impl PreferenceSigner {
             .map_err(|_| VerifyError::BadSignature)?;
         Ok(PreferenceIdentity { contact_id, email })
     }
+
+    /// The `token` parameter of a link to the configured page. What follows the page's URL
+    /// must start its query (`?`, or `&` when the page URL has a query of its own) or its
+    /// fragment; anything else is another page, or another host.
+    fn token_in_link<'a>(&self, link: &'a str) -> Result<&'a str, VerifyError> {
+        let rest = link
+            .strip_prefix(&self.base_url)
+            .ok_or(VerifyError::WrongPage)?;
+        let rest = rest.split_once('#').map_or(rest, |(before, _)| before);
+        if rest.is_empty() {
+            return Err(VerifyError::Missing);
+        }
+        let query_start = if self.base_url.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        let query = rest
+            .strip_prefix(query_start)
+            .ok_or(VerifyError::WrongPage)?;
+        query
+            .split('&')
+            .find_map(|parameter| parameter.strip_prefix("token="))
+            .ok_or(VerifyError::Missing)
+    }
+}
+
+/// Whether `text` could be a token on its own: only the characters [`PreferenceSigner::token`]
+/// writes (base64url and dots), and `%` for one that a mail client percent-encoded.
+fn is_bare_token(text: &str) -> bool {
+    text.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'%'))
 }
 
 /// Undoes `%XX` escapes; `None` for a broken escape or a result that is not UTF-8.

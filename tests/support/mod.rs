@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+pub mod mime;
 pub mod scripted_smtp;
 
 use std::net::TcpListener;
