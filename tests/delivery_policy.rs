@@ -161,7 +161,11 @@ async fn a_421_ends_the_batch_and_pauses_before_the_next_message(backend: Backen
         "dana@acme.example",
         &[Step::Reply("421 4.7.0 Too busy, closing")],
     );
-    let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
+    // One session, so that the next message can only start after the 421 (with several,
+    // messages already under way on other sessions finish).
+    let mut options = Options::on(backend, Sink::Smtp(smtp.port));
+    options.smtp_connections = 1;
+    let env = TestEnv::new(options).await;
     env.enqueue_sample("vxc.approved").await;
 
     let (ok, log) = env.drain().await;

@@ -111,7 +111,10 @@ async fn the_samples_reach_a_real_smtp_server_as_complete_messages(backend: Back
         assert_eq!(matching, 1, "{rcpt} / {prefix}: {got:?}");
     }
     assert_eq!(message_ids.len(), 8, "each delivery has its own Message-ID");
-    assert_eq!(peers.len(), 1, "one SMTP connection carried every message");
+    assert!(
+        (1..=4).contains(&peers.len()),
+        "at most transport.smtp.connections (4) sessions, each reused: {peers:?}"
+    );
 
     // One log line per delivery outcome, with the facts an operator needs.
     let delivered: Vec<&str> = log.lines().filter(|l| l.contains("delivered")).collect();

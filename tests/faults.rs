@@ -55,7 +55,9 @@ async fn a_550_is_dead_at_once_with_the_reply_and_the_others_still_go_out(backen
         "noc@cloudco.example",
         &[Step::Reply("550 5.1.1 Mailbox unavailable")],
     );
-    let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
+    let mut options = Options::on(backend, Sink::Smtp(smtp.port));
+    options.smtp_connections = 1;
+    let env = TestEnv::new(options).await;
     env.enqueue_sample("vxc.approval_required").await;
 
     let (ok, log) = env.drain().await;

@@ -18,9 +18,14 @@ async fn recipients(env: &TestEnv, kind: &str) -> BTreeSet<(String, String)> {
         kind: kind.into(),
         payload: payload.into_bytes(),
     };
-    match decide(&env.store().await, &env.settings(), &event)
-        .await
-        .unwrap()
+    match decide(
+        &env.store().await,
+        &env.settings(),
+        &event,
+        &mut Default::default(),
+    )
+    .await
+    .unwrap()
     {
         OutboxDecision::Dispatched { deliveries, .. } => deliveries
             .iter()

@@ -106,6 +106,14 @@ impl TransportSettings {
         }
     }
 
+    /// How many messages one daemon hands over at once.
+    pub fn connections(&self) -> usize {
+        match self {
+            Self::Smtp(smtp) => smtp.connections as usize,
+            Self::File { .. } => 1,
+        }
+    }
+
     /// A short description for the start-up log line; never includes credentials.
     pub fn describe(&self) -> String {
         match self {
@@ -124,6 +132,8 @@ pub struct SmtpSettings {
     /// Bound on each SMTP step (connect, each command, the message data).
     pub timeout: Duration,
     pub helo_name: String,
+    /// SMTP sessions per daemon, each carrying one message at a time.
+    pub connections: u32,
 }
 
 /// A sustained rate and the burst allowed after a quiet spell.
@@ -496,6 +506,19 @@ impl Checker<'_> {
         }
     }
 
+    fn within(&mut self, field: &str, value: u32, range: std::ops::RangeInclusive<u32>) -> u32 {
+        if range.contains(&value) {
+            value
+        } else {
+            self.problem(format!(
+                "{field}: {value} is out of range; allowed {} to {}",
+                range.start(),
+                range.end()
+            ));
+            value.clamp(*range.start(), *range.end())
+        }
+    }
+
     fn non_zero(&mut self, field: &str, value: u32) -> NonZeroU32 {
         NonZeroU32::new(value).unwrap_or_else(|| {
             self.problem(format!("{field}: must be at least 1"));
@@ -590,6 +613,11 @@ impl Checker<'_> {
                         MINUTE * 10,
                     ),
                     helo_name,
+                    connections: self.within(
+                        "transport.smtp.connections",
+                        smtp.connections,
+                        1..=64,
+                    ),
                 })
             }
         }

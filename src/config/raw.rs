@@ -80,6 +80,9 @@ pub struct RawSmtp {
     pub timeout: String,
     /// The name this daemon gives in EHLO; defaults to `localhost`.
     pub helo_name: Option<String>,
+    /// How many SMTP sessions each daemon keeps open and sends over at once.
+    #[serde(default = "defaults::smtp_connections")]
+    pub connections: u32,
     /// Allows a username and password to be sent unencrypted (`tls: none`) to a host that is
     /// not loopback: only for a relay on a network the operator trusts.
     #[serde(default)]
@@ -280,6 +283,12 @@ pub mod defaults {
     /// Generous for a slow relay, short enough that a hung connection is noticed.
     pub fn smtp_timeout() -> String {
         "30s".into()
+    }
+
+    /// Enough to keep a nearby relay busy while one session waits for a reply; Postfix allows
+    /// 20 per destination, but herald's relay is one destination for every message.
+    pub fn smtp_connections() -> u32 {
+        4
     }
 
     pub fn per_second() -> u32 {

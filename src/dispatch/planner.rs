@@ -2,13 +2,14 @@
 //! in the directory and picks its recipients. A bad row is marked failed with its reason and
 //! never holds up the others.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
 use tracing::{error, info, warn};
 
 use crate::config::Settings;
-use crate::directory::select_recipients;
+use crate::directory::{Contact, select_recipients};
 use crate::outbox::{Audience, OutboxEvent};
 use crate::render::message::new_message_id;
 use crate::store::{NewDelivery, OutboxDecision, Store, StoreError};
@@ -21,23 +22,50 @@ const PLAN_BATCH: u32 = 100;
 const PLAN_LEASE: Duration = Duration::from_secs(60);
 
 /// Expands pending outbox rows until none is left or `PLAN_BATCH` rows were handled; returns
-/// how many rows were decided by this daemon.
+/// how many rows were decided by this daemon. The batch is recorded in one transaction, and
+/// each company's contacts are read once per batch.
 pub async fn plan_pending<S: Store>(store: &S, settings: &Settings) -> Result<usize, StoreError> {
     let events = store
         .claim_outbox(PLAN_BATCH, PLAN_LEASE, Utc::now())
         .await?;
-    let mut decided = 0;
+    let mut directory = DirectoryCache::default();
+    let mut decisions = Vec::with_capacity(events.len());
     for event in &events {
-        let decision = decide(store, settings, event).await?;
-        if store
-            .record_decision(event.id, &decision, Utc::now())
-            .await?
-        {
+        decisions.push((
+            event.id,
+            decide(store, settings, event, &mut directory).await?,
+        ));
+    }
+    let recorded = store.record_decisions(&decisions, Utc::now()).await?;
+    let mut decided = 0;
+    for ((event, (_, decision)), recorded) in events.iter().zip(&decisions).zip(recorded) {
+        if recorded {
             decided += 1;
-            log_decision(event, &decision);
+            log_decision(event, decision);
         }
     }
     Ok(decided)
+}
+
+/// Companies' contacts as read during one planning batch: a batch of rows for the same
+/// companies reads each once.
+#[derive(Default)]
+pub struct DirectoryCache {
+    companies: HashMap<String, Option<Vec<Contact>>>,
+}
+
+impl DirectoryCache {
+    async fn contacts<S: Store>(
+        &mut self,
+        store: &S,
+        company_id: &str,
+    ) -> Result<Option<&[Contact]>, StoreError> {
+        if !self.companies.contains_key(company_id) {
+            let contacts = store.company_contacts(company_id).await?;
+            self.companies.insert(company_id.to_string(), contacts);
+        }
+        Ok(self.companies[company_id].as_deref())
+    }
 }
 
 /// Works out what an outbox row becomes. Only database errors are errors here; everything
@@ -46,6 +74,7 @@ pub async fn decide<S: Store>(
     store: &S,
     settings: &Settings,
     event: &OutboxEvent,
+    directory: &mut DirectoryCache,
 ) -> Result<OutboxDecision, StoreError> {
     let (spec, payload) = match settings.catalog.validate(&event.kind, &event.payload) {
         Ok(valid) => valid,
@@ -61,7 +90,11 @@ pub async fn decide<S: Store>(
     let mut contacts_by_audience = Vec::new();
     for audience in Audience::ALL {
         let company_id = payload.company_id(audience);
-        let Some(contacts) = store.company_contacts(company_id).await? else {
+        let Some(contacts) = directory
+            .contacts(store, company_id)
+            .await?
+            .map(<[_]>::to_vec)
+        else {
             return Ok(OutboxDecision::Failed {
                 reason: format!(
                     "payload field \"{audience}.company_id\": company {company_id:?} is not in the directory"

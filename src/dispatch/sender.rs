@@ -2,11 +2,13 @@
 //! rate, render, wait for the global rate limiter, hand it to the transport and record the
 //! outcome before taking the next.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures_util::future::join_all;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -43,10 +45,16 @@ pub struct SendSummary {
 }
 
 pub struct Sender<S> {
+    context: Context<S>,
+    /// One per SMTP session this daemon keeps (`transport.smtp.connections`).
+    transports: Vec<Transport>,
+}
+
+/// What every connection's worker shares, read-only.
+struct Context<S> {
     store: S,
     settings: Arc<Settings>,
     renderer: Arc<Renderer>,
-    transport: Transport,
     limits: RateLimits,
     retry: RetryPolicy,
     /// This daemon's name on the leases it takes.
@@ -64,95 +72,166 @@ enum Attempted {
     Abandoned,
 }
 
+/// How one connection's worker ended its part of a batch.
+struct WorkerEnd {
+    attempted: usize,
+    /// Why it stopped the whole batch, if it did for a reason the dispatcher must act on.
+    stop: Option<SendError>,
+}
+
 impl<S: Store> Sender<S> {
     pub fn new(store: S, settings: Arc<Settings>, renderer: Arc<Renderer>, owner: String) -> Self {
-        let send_budget = settings.transport.send_budget();
+        let transports = (0..settings.transport.connections())
+            .map(|_| Transport::from_settings(&settings.transport))
+            .collect();
         Self {
-            store,
-            transport: Transport::from_settings(&settings.transport),
-            retry: RetryPolicy::new(settings.retry),
-            limits: RateLimits::new(settings.rate_limit.clone()),
-            settings,
-            renderer,
-            owner,
-            send_budget,
+            context: Context {
+                store,
+                retry: RetryPolicy::new(settings.retry),
+                limits: RateLimits::new(settings.rate_limit.clone()),
+                send_budget: settings.transport.send_budget(),
+                settings,
+                renderer,
+                owner,
+            },
+            transports,
         }
     }
 
     /// Divides the configured rates among `daemons` daemons (this one included), so that the
     /// rate limits hold for all of them together.
     pub fn share_rate_with(&mut self, daemons: u32) {
-        self.limits.share_with(daemons);
+        self.context.limits.share_with(daemons);
     }
 
-    /// Claims the due deliveries (one batch) and sends them. The transport is checked before
-    /// claiming, so while it is down nothing is claimed and no delivery is charged an attempt.
+    /// Claims the due deliveries (one batch) and sends them over the daemon's connections, each
+    /// taking the next delivery as soon as it is free. The first connection is checked before
+    /// claiming, so while the relay is down nothing is claimed and no delivery is charged an
+    /// attempt. Each outcome is recorded as soon as the server has answered.
     pub async fn send_due(
         &mut self,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<SendSummary, SendError> {
+        let context = &self.context;
         let mut summary = SendSummary::default();
-        if !self.ready_unless_stopping(shutdown).await? {
+        if !context
+            .ready_unless_stopping(&mut self.transports[0], shutdown)
+            .await?
+        {
             return Ok(summary);
         }
-        let claimed = self
+        let claimed = context
             .store
             .claim_deliveries(
-                &self.owner,
-                self.settings.delivery.batch_size.get(),
-                self.settings.delivery.lease,
+                &context.owner,
+                context.settings.delivery.batch_size.get(),
+                context.settings.delivery.lease,
                 Utc::now(),
             )
             .await?;
-        self.limits.forget_idle_domains();
+        context.limits.forget_idle_domains();
 
         let mut later = Postponed::default();
-        let mut outcome = Ok(());
-        for (index, delivery) in claimed.iter().enumerate() {
+        let mut queue = VecDeque::with_capacity(claimed.len());
+        for delivery in claimed {
             let domain = recipient_domain(&delivery.recipient_email);
-            if let Err(wait) = self.limits.take_domain_slot(&domain) {
-                later.push(delivery.id, domain, wait.first, wait.spacing);
-                continue;
+            match context.limits.take_domain_slot(&domain) {
+                Ok(()) => queue.push_back(delivery),
+                Err(wait) => later.push(delivery.id, domain, wait.first, wait.spacing),
             }
-            let go = self.ready_to_send(delivery, shutdown).await;
-            // Past a delivery that was attempted, the rest of the batch is given back.
-            let rest = if matches!(go, Ok(true)) {
-                index + 1
-            } else {
-                index
-            };
-            let stop = match go {
-                Ok(true) => match self.attempt(delivery, shutdown).await? {
-                    Attempted::Recorded { throttled: None } => {
-                        summary.attempted += 1;
-                        continue;
-                    }
-                    Attempted::Recorded {
-                        throttled: Some(reply),
-                    } => {
-                        summary.attempted += 1;
-                        Err(SendError::Throttled(reply))
-                    }
-                    Attempted::Abandoned => Ok(()),
-                },
-                Ok(false) => Ok(()),
-                Err(unavailable) => Err(unavailable.into()),
-            };
-            let unsent: Vec<i64> = claimed[rest..].iter().map(|d| d.id).collect();
-            self.store.release(&self.owner, &unsent).await?;
-            outcome = stop;
-            break;
         }
         summary.postponed_until = later.due.iter().map(|(_, at)| *at).max();
-        self.store.postpone(&self.owner, &later.due).await?;
-        outcome.map(|()| summary)
+        context.store.postpone(&context.owner, &later.due).await?;
+
+        let queue = Mutex::new(queue);
+        let halt = AtomicBool::new(false);
+        let ends = join_all(
+            self.transports
+                .iter_mut()
+                .map(|transport| context.work(transport, &queue, &halt, shutdown)),
+        )
+        .await;
+        let unsent: Vec<i64> = queue.into_inner().map_or_else(
+            |poisoned| poisoned.into_inner().iter().map(|d| d.id).collect(),
+            |queue| queue.iter().map(|d| d.id).collect(),
+        );
+        context.store.release(&context.owner, &unsent).await?;
+
+        let mut stop = None;
+        for end in ends {
+            let end = end?;
+            summary.attempted += end.attempted;
+            stop = stop.or(end.stop);
+        }
+        match stop {
+            Some(stop) => Err(stop),
+            None => Ok(summary),
+        }
+    }
+
+    /// Closes every connection politely.
+    pub async fn close(&mut self) {
+        for transport in &mut self.transports {
+            transport.close().await;
+        }
+    }
+}
+
+impl<S: Store> Context<S> {
+    /// One connection's share of a batch: takes deliveries from the queue until it is empty or
+    /// the batch must stop (shutdown, the relay unavailable or shedding load, a lease running
+    /// short), which `halt` tells the other connections. A delivery taken but not attempted
+    /// goes back to the queue, to be released.
+    async fn work(
+        &self,
+        transport: &mut Transport,
+        queue: &Mutex<VecDeque<ClaimedDelivery>>,
+        halt: &AtomicBool,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<WorkerEnd, StoreError> {
+        let mut end = WorkerEnd {
+            attempted: 0,
+            stop: None,
+        };
+        let take = || queue.lock().expect("queue lock").pop_front();
+        let give_back = |delivery| queue.lock().expect("queue lock").push_front(delivery);
+        while !halt.load(Ordering::Relaxed) {
+            let Some(delivery) = take() else { break };
+            match self.ready_to_send(transport, &delivery, shutdown).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    give_back(delivery);
+                    halt.store(true, Ordering::Relaxed);
+                    break;
+                }
+                Err(unavailable) => {
+                    give_back(delivery);
+                    halt.store(true, Ordering::Relaxed);
+                    end.stop = Some(unavailable.into());
+                    break;
+                }
+            }
+            match self.attempt(transport, &delivery, shutdown).await? {
+                Attempted::Recorded { throttled: None } => end.attempted += 1,
+                Attempted::Recorded {
+                    throttled: Some(reply),
+                } => {
+                    end.attempted += 1;
+                    halt.store(true, Ordering::Relaxed);
+                    end.stop = Some(SendError::Throttled(reply));
+                }
+                Attempted::Abandoned => halt.store(true, Ordering::Relaxed),
+            }
+        }
+        Ok(end)
     }
 
     /// Waits for the global rate limiter, then says whether this delivery may be sent now: not
     /// at shutdown, not when its lease could run out mid-send (another daemon could take it
     /// over and send it too), and not when the transport cannot be reached.
     async fn ready_to_send(
-        &mut self,
+        &self,
+        transport: &mut Transport,
         delivery: &ClaimedDelivery,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<bool, Unavailable> {
@@ -164,18 +243,19 @@ impl<S: Store> Sender<S> {
         if *shutdown.borrow() || Utc::now() + self.send_budget >= delivery.lease_until {
             return Ok(false);
         }
-        self.ready_unless_stopping(shutdown).await
+        self.ready_unless_stopping(transport, shutdown).await
     }
 
     /// Connects the transport if needed. A connection attempt (up to two timeouts against a
     /// silent server) is abandoned at shutdown: nothing is claimed yet, so nothing is lost.
     async fn ready_unless_stopping(
-        &mut self,
+        &self,
+        transport: &mut Transport,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<bool, Unavailable> {
         let mut stop = shutdown.clone();
         tokio::select! {
-            ready = self.transport.ready() => ready.map(|()| true),
+            ready = transport.ready() => ready.map(|()| true),
             _ = stop.wait_for(|stop| *stop) => Ok(false),
         }
     }
@@ -183,7 +263,8 @@ impl<S: Store> Sender<S> {
     /// One attempt at one delivery, recorded before returning; or, when shutdown's grace
     /// period ends mid-send, given back unrecorded.
     async fn attempt(
-        &mut self,
+        &self,
+        transport: &mut Transport,
         delivery: &ClaimedDelivery,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<Attempted, StoreError> {
@@ -213,11 +294,11 @@ impl<S: Store> Sender<S> {
                 };
                 let grace = self.settings.delivery.shutdown_grace;
                 let sent = tokio::select! {
-                    outcome = self.transport.send(outgoing) => Some(outcome),
+                    outcome = transport.send(outgoing) => Some(outcome),
                     () = grace_after_shutdown(shutdown, grace) => None,
                 };
                 let Some(outcome) = sent else {
-                    self.transport.abandon();
+                    transport.abandon();
                     self.store.release(&self.owner, &[delivery.id]).await?;
                     warn!(
                         outbox_id = delivery.outbox_id,
@@ -306,11 +387,6 @@ impl<S: Store> Sender<S> {
             build_message(&self.settings.brand, envelope, &rendered),
             reference,
         ))
-    }
-
-    /// Closes the transport politely.
-    pub async fn close(&mut self) {
-        self.transport.close().await;
     }
 }
 

@@ -83,13 +83,12 @@ impl Store for Database {
         forward!(self, s => s.claim_outbox(limit, lease, now).await)
     }
 
-    async fn record_decision(
+    async fn record_decisions(
         &self,
-        outbox_id: i64,
-        decision: &OutboxDecision,
+        decisions: &[(i64, OutboxDecision)],
         now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        forward!(self, s => s.record_decision(outbox_id, decision, now).await)
+    ) -> Result<Vec<bool>, StoreError> {
+        forward!(self, s => s.record_decisions(decisions, now).await)
     }
 
     async fn claim_deliveries(

@@ -175,7 +175,7 @@ pub struct ImportSummary {
 }
 
 /// The storage seam. Every method is one short transaction; a backend guarantees that
-/// [`record_decision`](Store::record_decision) expands an outbox row at most once and that a
+/// [`record_decisions`](Store::record_decisions) expands an outbox row at most once and that a
 /// claimed delivery is held by one daemon at a time.
 pub trait Store: Clone + Send + Sync + 'static {
     /// Creates or upgrades herald's tables.
@@ -211,14 +211,14 @@ pub trait Store: Clone + Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> impl Future<Output = Result<Vec<OutboxEvent>, StoreError>> + Send;
 
-    /// Records the expansion of a pending outbox row in one transaction. Returns false, and
-    /// changes nothing, when the row was no longer pending (another daemon got there first).
-    fn record_decision(
+    /// Records the expansion of pending outbox rows, all in one transaction (one commit for a
+    /// batch of rows). For each row, false when it was no longer pending (another daemon got
+    /// there first); nothing is changed for that row.
+    fn record_decisions(
         &self,
-        outbox_id: i64,
-        decision: &OutboxDecision,
+        decisions: &[(i64, OutboxDecision)],
         now: DateTime<Utc>,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send;
 
     /// Leases up to `limit` deliveries that are due at `now` to `owner` for `lease`.
     fn claim_deliveries(

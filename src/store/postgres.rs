@@ -271,44 +271,46 @@ impl Store for PgStore {
         Ok(events)
     }
 
-    async fn record_decision(
+    async fn record_decisions(
         &self,
-        outbox_id: i64,
-        decision: &OutboxDecision,
+        decisions: &[(i64, OutboxDecision)],
         _now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Vec<bool>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let (state, recipients, reason) = match decision {
-            OutboxDecision::Dispatched { deliveries, note } => {
-                ("dispatched", Some(deliveries.len() as i32), note.as_deref())
-            }
-            OutboxDecision::Failed { reason } => ("failed", None, Some(reason.as_str())),
-        };
-        let updated = sqlx::query(
-            "UPDATE herald_outbox
+        let mut recorded = Vec::with_capacity(decisions.len());
+        for (outbox_id, decision) in decisions {
+            let outbox_id = *outbox_id;
+            let (state, recipients, reason) = match decision {
+                OutboxDecision::Dispatched { deliveries, note } => {
+                    ("dispatched", Some(deliveries.len() as i32), note.as_deref())
+                }
+                OutboxDecision::Failed { reason } => ("failed", None, Some(reason.as_str())),
+            };
+            let updated = sqlx::query(
+                "UPDATE herald_outbox
              SET state = $1, processed_at = now(), recipients = $2, reason = $3, lease_until = NULL
              WHERE id = $4 AND state = 'pending'",
-        )
-        .bind(state)
-        .bind(recipients)
-        .bind(reason)
-        .bind(outbox_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
+            )
+            .bind(state)
+            .bind(recipients)
+            .bind(reason)
+            .bind(outbox_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            recorded.push(updated == 1);
+            if updated == 0 {
+                continue;
+            }
 
-        if let OutboxDecision::Dispatched { deliveries, .. } = decision
-            && !deliveries.is_empty()
-        {
-            let column = |f: fn(&super::NewDelivery) -> &str| -> Vec<String> {
-                deliveries.iter().map(|d| f(d).to_string()).collect()
-            };
-            sqlx::query(
-                "INSERT INTO herald_deliveries (outbox_id, kind, audience, contact_id,
+            if let OutboxDecision::Dispatched { deliveries, .. } = decision
+                && !deliveries.is_empty()
+            {
+                let column = |f: fn(&super::NewDelivery) -> &str| -> Vec<String> {
+                    deliveries.iter().map(|d| f(d).to_string()).collect()
+                };
+                sqlx::query(
+                    "INSERT INTO herald_deliveries (outbox_id, kind, audience, contact_id,
                     recipient_name, recipient_email, message_id, next_attempt_at,
                     state, last_error)
                  SELECT o.id, o.kind, t.audience, t.contact_id, t.name, t.email, t.message_id,
@@ -319,24 +321,25 @@ impl Store for PgStore {
                         AS t(audience, contact_id, name, email, message_id, dead)
                  WHERE o.id = $1
                  ON CONFLICT DO NOTHING",
-            )
-            .bind(outbox_id)
-            .bind(column(|d| d.audience.as_str()))
-            .bind(column(|d| &d.contact_id))
-            .bind(column(|d| &d.recipient_name))
-            .bind(column(|d| &d.recipient_email))
-            .bind(column(|d| &d.message_id))
-            .bind(
-                deliveries
-                    .iter()
-                    .map(|d| d.dead.clone())
-                    .collect::<Vec<Option<String>>>(),
-            )
-            .execute(&mut *tx)
-            .await?;
+                )
+                .bind(outbox_id)
+                .bind(column(|d| d.audience.as_str()))
+                .bind(column(|d| &d.contact_id))
+                .bind(column(|d| &d.recipient_name))
+                .bind(column(|d| &d.recipient_email))
+                .bind(column(|d| &d.message_id))
+                .bind(
+                    deliveries
+                        .iter()
+                        .map(|d| d.dead.clone())
+                        .collect::<Vec<Option<String>>>(),
+                )
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
-        Ok(true)
+        Ok(recorded)
     }
 
     async fn claim_deliveries(

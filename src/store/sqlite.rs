@@ -265,63 +265,66 @@ impl Store for SqliteStore {
         Ok(events)
     }
 
-    async fn record_decision(
+    async fn record_decisions(
         &self,
-        outbox_id: i64,
-        decision: &OutboxDecision,
+        decisions: &[(i64, OutboxDecision)],
         now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Vec<bool>, StoreError> {
         let now = format_timestamp(now);
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let (state, recipients, reason) = match decision {
-            OutboxDecision::Dispatched { deliveries, note } => {
-                ("dispatched", Some(deliveries.len() as i64), note.as_deref())
-            }
-            OutboxDecision::Failed { reason } => ("failed", None, Some(reason.as_str())),
-        };
-        let updated = sqlx::query(
-            "UPDATE herald_outbox
+        let mut recorded = Vec::with_capacity(decisions.len());
+        for (outbox_id, decision) in decisions {
+            let outbox_id = *outbox_id;
+            let (state, recipients, reason) = match decision {
+                OutboxDecision::Dispatched { deliveries, note } => {
+                    ("dispatched", Some(deliveries.len() as i64), note.as_deref())
+                }
+                OutboxDecision::Failed { reason } => ("failed", None, Some(reason.as_str())),
+            };
+            let updated = sqlx::query(
+                "UPDATE herald_outbox
              SET state = $1, processed_at = $2, recipients = $3, reason = $4, lease_until = NULL
              WHERE id = $5 AND state = 'pending'",
-        )
-        .bind(state)
-        .bind(&now)
-        .bind(recipients)
-        .bind(reason)
-        .bind(outbox_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
+            )
+            .bind(state)
+            .bind(&now)
+            .bind(recipients)
+            .bind(reason)
+            .bind(outbox_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            recorded.push(updated == 1);
+            if updated == 0 {
+                continue;
+            }
 
-        if let OutboxDecision::Dispatched { deliveries, .. } = decision {
-            for delivery in deliveries {
-                sqlx::query(
-                    "INSERT INTO herald_deliveries (outbox_id, kind, audience, contact_id,
+            if let OutboxDecision::Dispatched { deliveries, .. } = decision {
+                for delivery in deliveries {
+                    sqlx::query(
+                        "INSERT INTO herald_deliveries (outbox_id, kind, audience, contact_id,
                         recipient_name, recipient_email, message_id, next_attempt_at,
                         created_at, updated_at, state, last_error)
                      SELECT id, kind, $2, $3, $4, $5, $6, $7, $7, $7,
                         CASE WHEN $8 IS NULL THEN 'queued' ELSE 'dead' END, $8
                      FROM herald_outbox WHERE id = $1
                      ON CONFLICT DO NOTHING",
-                )
-                .bind(outbox_id)
-                .bind(delivery.audience.as_str())
-                .bind(&delivery.contact_id)
-                .bind(&delivery.recipient_name)
-                .bind(&delivery.recipient_email)
-                .bind(&delivery.message_id)
-                .bind(&now)
-                .bind(&delivery.dead)
-                .execute(&mut *tx)
-                .await?;
+                    )
+                    .bind(outbox_id)
+                    .bind(delivery.audience.as_str())
+                    .bind(&delivery.contact_id)
+                    .bind(&delivery.recipient_name)
+                    .bind(&delivery.recipient_email)
+                    .bind(&delivery.message_id)
+                    .bind(&now)
+                    .bind(&delivery.dead)
+                    .execute(&mut *tx)
+                    .await?;
+                }
             }
         }
         tx.commit().await?;
-        Ok(true)
+        Ok(recorded)
     }
 
     async fn claim_deliveries(

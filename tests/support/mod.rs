@@ -98,6 +98,8 @@ pub struct Options {
     pub rate_limit_extra: &'static str,
     pub shutdown_grace: &'static str,
     pub smtp_timeout: &'static str,
+    /// SMTP sessions per daemon.
+    pub smtp_connections: u32,
     /// The templates folder; the repository's own when `None`.
     pub templates: Option<PathBuf>,
 }
@@ -119,6 +121,7 @@ impl Options {
             rate_limit_extra: "",
             shutdown_grace: "5s",
             smtp_timeout: "5s",
+            smtp_connections: 4,
             templates: None,
         }
     }
@@ -354,8 +357,8 @@ fn config_yaml(dir: &Path, database_url: &str, options: &Options) -> String {
             dir.join("mail").display()
         ),
         Sink::Smtp(port) => format!(
-            "kind: smtp\n  smtp:\n    host: 127.0.0.1\n    port: {port}\n    tls: none\n    timeout: {}",
-            options.smtp_timeout
+            "kind: smtp\n  smtp:\n    host: 127.0.0.1\n    port: {port}\n    tls: none\n    timeout: {}\n    connections: {}",
+            options.smtp_timeout, options.smtp_connections
         ),
     };
     let shipped = std::fs::read_to_string(repo_path("config/herald.yaml")).unwrap();
