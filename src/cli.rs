@@ -73,10 +73,11 @@ pub enum Command {
         #[arg(long)]
         dead: bool,
         /// Only this outbox row's deliveries (and the row itself, if it failed).
-        #[arg(long, value_name = "ID", conflicts_with = "delivery")]
+        #[arg(long, value_name = "ID", conflicts_with = "delivery",
+              value_parser = clap::value_parser!(i64).range(1..))]
         event: Option<i64>,
         /// Only this delivery.
-        #[arg(long, value_name = "ID")]
+        #[arg(long, value_name = "ID", value_parser = clap::value_parser!(i64).range(1..))]
         delivery: Option<i64>,
     },
     /// Print one notification rendered as it would be sent, with its sample payload; or, with
@@ -193,7 +194,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 .enqueue(&kind, &payload, idempotency_key.as_deref())
                 .await?
             {
-                Some(id) => println!("enqueued outbox row {id} ({kind})"),
+                Some(id) => println!("enqueued outbox row {id} ({})", printable(&kind)),
                 None => println!("not enqueued: idempotency key already used"),
             }
             Ok(ExitCode::SUCCESS)
@@ -216,6 +217,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             };
             let summary = store.requeue(request, Utc::now()).await?;
             print_requeued(request, summary);
+            if let (Some(delivery), 0) = (delivery, summary.deliveries) {
+                let state = store.delivery_state(delivery).await?;
+                println!("{}", why_not_requeued(delivery, dead, state.as_deref()));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Preview {
@@ -323,8 +328,9 @@ async fn serve_preview(settings: Settings, addr: &str) -> Result<ExitCode> {
         .with_context(|| format!("cannot listen on {addr} for the preview page"))?;
     let (settings, renderer) = (Arc::new(settings), Arc::new(renderer));
     let (stop, shutdown) = watch::channel(false);
+    let signals = stop_signals()?;
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.await;
         stop.send_replace(true);
     });
     tokio::spawn(reload::watch_templates(
@@ -343,6 +349,16 @@ async fn serve_preview(settings: Settings, addr: &str) -> Result<ExitCode> {
 }
 
 async fn run_daemon(settings: Settings, drain: bool) -> Result<ExitCode> {
+    // Signals are caught from here on, so that a stop asked for while herald is still starting
+    // (loading templates, migrating) ends with a clean exit too.
+    let (stop, shutdown) = watch::channel(false);
+    let signals = stop_signals()?;
+    tokio::spawn(async move {
+        signals.await;
+        info!("shutdown requested; finishing in-flight sends");
+        stop.send_replace(true);
+    });
+
     let renderer = Arc::new(load_renderer(&settings)?);
     let store = open_store(&settings).await?;
     info!(
@@ -364,13 +380,6 @@ async fn run_daemon(settings: Settings, drain: bool) -> Result<ExitCode> {
             "preferences.secret is the shipped demo value: anyone can forge preference links; set a long random secret for production"
         );
     }
-
-    let (stop, shutdown) = watch::channel(false);
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        info!("shutdown requested; finishing in-flight sends");
-        stop.send_replace(true);
-    });
 
     let settings = Arc::new(settings);
     if !drain {
@@ -400,17 +409,17 @@ async fn run_daemon(settings: Settings, drain: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_for_signal() {
+/// Registers for SIGTERM and SIGINT now, and returns what completes on the first of them.
+fn stop_signals() -> Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = terminate.recv() => {}
-            }
+    let mut terminate = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
         }
-        Err(_) => drop(tokio::signal::ctrl_c().await),
-    }
+    })
 }
 
 fn read_payload(path: &Path) -> Result<String> {
@@ -475,22 +484,43 @@ fn print_requeued(request: RequeueRequest, summary: RequeueSummary) {
         (_, Some(delivery)) => format!(" (delivery {delivery})"),
         (None, None) => String::new(),
     };
-    if request.dead {
-        println!(
-            "requeued {} dead deliveries and {} failed outbox rows{scope}",
-            summary.deliveries, summary.events
-        );
-        if summary.deliveries + summary.events == 0 {
-            println!("nothing matched; `herald status` lists what is dead");
+    match (request.dead, request.delivery) {
+        (true, None) => {
+            println!(
+                "requeued {} dead deliveries and {} failed outbox rows{scope}",
+                summary.deliveries, summary.events
+            );
+            if summary.deliveries + summary.events == 0 {
+                println!("nothing matched; `herald status` lists what is dead");
+            }
         }
-    } else {
-        println!(
-            "{} retrying deliveries{scope} are due now",
-            summary.deliveries
-        );
-        if summary.deliveries == 0 {
-            println!("nothing matched; dead deliveries need --dead");
+        (true, Some(_)) => println!("requeued {} dead deliveries{scope}", summary.deliveries),
+        (false, _) => {
+            println!(
+                "{} retrying deliveries{scope} are due now",
+                summary.deliveries
+            );
+            if summary.deliveries == 0 && request.delivery.is_none() {
+                println!("nothing matched; dead deliveries need --dead");
+            }
         }
+    }
+}
+
+/// Why `herald retry --delivery ID` found nothing to do, from the delivery's state.
+fn why_not_requeued(delivery: i64, dead: bool, state: Option<&str>) -> String {
+    match state {
+        None => format!("there is no delivery {delivery}"),
+        Some("sent") => format!(
+            "delivery {delivery} was sent; herald never sends a delivery twice (insert a new \
+             outbox row to notify again)"
+        ),
+        Some("queued") => format!("delivery {delivery} is queued already"),
+        Some("dead") if !dead => format!("delivery {delivery} is dead; add --dead to requeue it"),
+        Some("retrying") if dead => {
+            format!("delivery {delivery} is retrying, not dead; leave out --dead to send it now")
+        }
+        Some(state) => format!("delivery {delivery} is {state}"),
     }
 }
 

@@ -229,6 +229,60 @@ fn a_password_never_crosses_the_network_unencrypted_unless_allowed_and_is_never_
         let (ok, out) = with_relay(loopback, "none", "");
         assert!(ok, "{loopback}: {out}");
     }
+
+    // A password written in the file itself, next to a syntax error: the parser's excerpt of
+    // the file would show it, so only the line and column are reported.
+    let text = std::fs::read_to_string(repo_path("config/herald.yaml"))
+        .unwrap()
+        .replace(
+            "    # password: ${HERALD_SMTP_PASSWORD}",
+            &format!("    password: {password}"),
+        )
+        .replace("    timeout: 30s", "    timeout: [30s]");
+    std::fs::write(&config, text).unwrap();
+    let output = herald()
+        .arg("--config")
+        .arg(&config)
+        .arg("check")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("line ") && stderr.contains(" column "),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(password),
+        "the password was printed: {stderr}"
+    );
+}
+
+#[test]
+fn per_domain_rates_must_name_real_domains_each_once() {
+    let copy = repo_copy();
+    let config = copy.path().join("config/herald.yaml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "  # domains:              # domains with a rate of their own\n  #   gmail.com: { per_second: 2, burst: 2 }",
+        "  domains:\n    Gmail.COM: { per_second: 2 }\n    gmail.com: { per_second: 3 }\n    \"not a domain!!\": { per_second: 1 }\n    \"a@b.example\": { per_second: 1 }\n    bücher.example: { per_second: 1 }",
+    );
+    std::fs::write(&config, text).unwrap();
+    let output = herald()
+        .arg("--config")
+        .arg(&config)
+        .arg("check")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    for expected in [
+        "rate_limit.domains.gmail.com: the same domain as another entry (gmail.com); list it once",
+        "rate_limit.domains.not a domain!!: \"not a domain!!\" is not a domain name",
+        "rate_limit.domains.a@b.example: \"a@b.example\" is not a domain name",
+    ] {
+        assert!(stderr.contains(expected), "{expected} in {stderr}");
+    }
+    assert!(!stderr.contains("bücher"), "an IDN is a domain: {stderr}");
 }
 
 #[test]

@@ -229,7 +229,7 @@ impl Settings {
         let raw: raw::RawConfig =
             serde_saphyr::from_str(&text).map_err(|err| ConfigError::Parse {
                 path: path.to_path_buf(),
-                message: err.to_string(),
+                message: without_source_lines(&err.to_string()),
             })?;
         let base = path.parent().map(normalize).unwrap_or_default();
         Self::from_raw(raw, path, &base, &|name| std::env::var(name).ok())
@@ -365,6 +365,14 @@ impl Settings {
             catalog,
         })
     }
+}
+
+/// The parser's message without the excerpt of the file it appends: the excerpt shows the
+/// lines around the problem, and those may hold a password or secret written in the file.
+/// Line and column stay in the message.
+fn without_source_lines(message: &str) -> String {
+    let first = message.lines().next().unwrap_or_default();
+    first.strip_prefix("error: ").unwrap_or(first).to_string()
 }
 
 /// Whether a relay host is this machine, where a plaintext login crosses no network.
@@ -635,11 +643,17 @@ impl Checker<'_> {
         for (domain, rate) in &raw.domains {
             let field = format!("rate_limit.domains.{domain}");
             let rate = self.rate(&field, rate);
-            match crate::directory::ascii_domain(domain) {
-                Ok(key) => {
-                    domains.insert(key, rate);
+            // Keys are compared as recipients' domains are: lower-case ASCII, IDNs as A-labels.
+            // A key that can never match, or names a domain already listed, is a mistake.
+            match idna::domain_to_ascii_strict(domain) {
+                Ok(key) if !key.is_empty() && !key.ends_with('.') => {
+                    if domains.insert(key.clone(), rate).is_some() {
+                        self.problem(format!(
+                            "{field}: the same domain as another entry ({key}); list it once"
+                        ));
+                    }
                 }
-                Err(reason) => self.problem(format!("{field}: {reason}")),
+                _ => self.problem(format!("{field}: {domain:?} is not a domain name")),
             }
         }
         RateLimitSettings {

@@ -144,7 +144,7 @@ fn log_decision(event: &OutboxEvent, decision: &OutboxDecision) {
             .iter()
             .filter_map(|d| d.dead.as_ref().map(|reason| (d, reason)))
         {
-            warn!(
+            error!(
                 outbox_id = event.id,
                 kind = ?event.kind,
                 contact_id = ?delivery.contact_id,

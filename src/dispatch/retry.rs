@@ -32,14 +32,18 @@ impl RetryPolicy {
         queued_at + self.settings.max_age
     }
 
-    /// Why a delivery queued at `queued_at` may no longer be sent at `now`, if so.
+    /// Why a delivery queued at `queued_at` may no longer be sent at `now`, if so: it was not
+    /// even tried within one maximum backoff past its deadline (the relay was unreachable all
+    /// along). The slack lets the last retry, which is placed at the deadline, still be made.
     pub fn expired(&self, queued_at: DateTime<Utc>, now: DateTime<Utc>) -> Option<String> {
-        (now >= self.deadline(queued_at)).then(|| {
-            format!(
-                "not delivered within {} of being queued (retry.max_age)",
-                describe(self.settings.max_age)
-            )
-        })
+        (now >= self.deadline(queued_at) + self.settings.max_backoff).then(|| self.too_old())
+    }
+
+    fn too_old(&self) -> String {
+        format!(
+            "not delivered within {} of being queued (retry.max_age)",
+            describe(self.settings.max_age)
+        )
     }
 
     /// Decides after a temporary failure, given how many attempts have now been made.
@@ -61,9 +65,10 @@ impl RetryPolicy {
                 "gave up after {attempts_made} attempts (retry.max_attempts)"
             ));
         }
-        if let Some(expired) = self.expired(queued_at, now) {
+        if now >= self.deadline(queued_at) {
             return AfterFailure::GiveUp(format!(
-                "gave up after {attempts_made} attempts: {expired}"
+                "gave up after {attempts_made} attempts: {}",
+                self.too_old()
             ));
         }
         let next = now + self.delay_after(attempts_made);
@@ -166,6 +171,16 @@ mod tests {
                     .into()
             )
         );
-        assert_eq!(policy.expired(queued, near_the_end), None);
+        // The last retry, placed at the deadline, is still made a little after it; a delivery
+        // not tried by one maximum backoff past the deadline has expired.
+        assert_eq!(
+            policy.expired(queued, queued + TimeDelta::seconds(3650)),
+            None
+        );
+        assert!(
+            policy
+                .expired(queued, queued + TimeDelta::seconds(3700))
+                .is_some()
+        );
     }
 }

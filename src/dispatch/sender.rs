@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 use super::rate::{RateLimits, recipient_domain};
 use super::retry::{AfterFailure, RetryPolicy};
 use crate::config::Settings;
-use crate::directory::is_plausible_email;
+use crate::directory::ascii_mailbox;
 use crate::render::message::{Envelope, build_message};
 use crate::render::{RecipientView, Renderer};
 use crate::store::{AttemptRecord, ClaimedDelivery, Store, StoreError};
@@ -355,11 +355,8 @@ impl<S: Store> Context<S> {
     /// Validates, renders and builds the message. On failure, the reason and what is known of
     /// the reference.
     fn prepare(&self, delivery: &ClaimedDelivery) -> Result<(Vec<u8>, String), (String, String)> {
-        if !is_plausible_email(&delivery.recipient_email) {
-            return Err((
-                format!("not a valid mailbox: {:?}", delivery.recipient_email),
-                String::new(),
-            ));
+        if let Err(reason) = ascii_mailbox(&delivery.recipient_email) {
+            return Err((format!("not a valid mailbox: {reason}"), String::new()));
         }
         let (_, payload) = self
             .settings

@@ -131,6 +131,10 @@ impl Store for Database {
         forward!(self, s => s.requeue(request, now).await)
     }
 
+    async fn delivery_state(&self, delivery_id: i64) -> Result<Option<String>, StoreError> {
+        forward!(self, s => s.delivery_state(delivery_id).await)
+    }
+
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
         forward!(self, s => s.next_due().await)
     }

@@ -263,6 +263,13 @@ pub trait Store: Clone + Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> impl Future<Output = Result<RequeueSummary, StoreError>> + Send;
 
+    /// A delivery's state, or `None` when there is no such delivery: what `herald retry`
+    /// reports when it finds nothing to requeue.
+    fn delivery_state(
+        &self,
+        delivery_id: i64,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
     /// When the next queued or retrying delivery comes due, if any; `now` or earlier means
     /// work is due.
     fn next_due(&self) -> impl Future<Output = Result<Option<DateTime<Utc>>, StoreError>> + Send;

@@ -551,6 +551,15 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn delivery_state(&self, delivery_id: i64) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT state FROM herald_deliveries WHERE id = $1")
+                .bind(delivery_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
         Ok(sqlx::query_scalar(
             "SELECT min(greatest(next_attempt_at, coalesce(lease_until, next_attempt_at)))
@@ -575,7 +584,7 @@ impl Store for PgStore {
             "SELECT min(created_at) FROM (
                 SELECT created_at FROM herald_outbox WHERE state = 'pending'
                 UNION ALL
-                SELECT created_at FROM herald_deliveries WHERE state IN ('queued', 'retrying')) t",
+                SELECT coalesce(queued_at, created_at) FROM herald_deliveries WHERE state IN ('queued', 'retrying')) t",
         )
         .fetch_one(&self.pool)
         .await?;

@@ -530,6 +530,15 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn delivery_state(&self, delivery_id: i64) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT state FROM herald_deliveries WHERE id = $1")
+                .bind(delivery_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
         let next: Option<String> = sqlx::query_scalar(
             "SELECT min(max(next_attempt_at, coalesce(lease_until, '')))
@@ -555,7 +564,7 @@ impl Store for SqliteStore {
             "SELECT min(created_at) FROM (
                 SELECT created_at FROM herald_outbox WHERE state = 'pending'
                 UNION ALL
-                SELECT created_at FROM herald_deliveries WHERE state IN ('queued', 'retrying'))",
+                SELECT coalesce(queued_at, created_at) FROM herald_deliveries WHERE state IN ('queued', 'retrying'))",
         )
         .fetch_one(&self.pool)
         .await?;
