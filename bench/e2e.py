@@ -3,9 +3,10 @@
 
 Modes (all by default):
   drain   fills the outbox with EVENTS rows of vxc.approval_required (3 recipients each with
-          the sample directory), runs `herald run --drain` and reports messages/s, wall time
-          and the daemon's peak RSS; the `smtp-source -s 4` -> smtp-sink figure from the same
-          run is the reference.
+          the sample directory), runs `herald run --drain` and reports messages/s, wall time,
+          how long planning and sending took, and the daemon's peak RSS. The reference from
+          the same run is `smtp-source -s 4 -d` (4 sessions, each kept for message after
+          message, as herald does) into smtp-sink, with messages of herald's size.
   steady  (PostgreSQL only) runs the daemon and inserts events at a steady RATE per second
           for SECONDS, then reports insert-commit -> SMTP-accept latency percentiles (from
           the database: created_at, set at insert, and sent_at, set on the server's 250).
@@ -75,12 +76,12 @@ class Sink:
 
 
 def smtp_source_reference(messages, length):
-    """Messages/s of `smtp-source -s 4` into a fresh smtp-sink: the machine's SMTP limit."""
+    """Messages/s of `smtp-source -s 4 -d` into a fresh smtp-sink: the machine's SMTP limit."""
     sink = Sink()
     try:
         started = time.perf_counter()
         subprocess.run(
-            ["smtp-source", "-s", "4", "-m", str(messages), "-l", str(length),
+            ["smtp-source", "-s", "4", "-d", "-m", str(messages), "-l", str(length),
              "-f", "bench@herald.example", "-t", "sink@herald.example", f"127.0.0.1:{sink.port}"],
             check=True, stdout=subprocess.DEVNULL,
         )
@@ -90,6 +91,10 @@ def smtp_source_reference(messages, length):
 
 
 class Postgres:
+    PHASES = ("SELECT extract(epoch FROM max(processed_at) - min(processed_at)), "
+              "(SELECT extract(epoch FROM max(sent_at) - min(sent_at)) FROM herald_deliveries) "
+              "FROM herald_outbox")
+
     def __init__(self, admin_url):
         self.admin = admin_url
         self.name = f"herald_bench_{os.getpid()}_{int(time.time())}"
@@ -125,6 +130,10 @@ class Postgres:
 
 
 class Sqlite:
+    PHASES = ("SELECT 86400 * (julianday(max(processed_at)) - julianday(min(processed_at))), "
+              "(SELECT 86400 * (julianday(max(sent_at)) - julianday(min(sent_at))) FROM herald_deliveries) "
+              "FROM herald_outbox")
+
     def __init__(self, folder):
         self.path = os.path.join(folder, "herald.db")
         self.url = f"sqlite://{self.path}"
@@ -181,7 +190,9 @@ def drain(binary, config, db, events):
         sys.exit(f"herald run --drain failed:\n{stderr.decode(errors='replace')}")
     sent = int(db.query("SELECT count(*) FROM herald_deliveries WHERE state = 'sent'"))
     total = int(db.query("SELECT count(*) FROM herald_deliveries"))
+    planning, sending = (float(x or 0) for x in db.query(db.PHASES).split("|"))
     return {"messages": sent, "planned": total, "seconds": elapsed,
+            "planning_seconds": planning, "sending_seconds": sending,
             "per_second": sent / elapsed, "peak_rss_mib": usage.ru_maxrss / 1024,
             "cpu_seconds": usage.ru_utime + usage.ru_stime}
 
@@ -228,11 +239,13 @@ def steady(binary, config, db, rate, seconds):
 def idle(binary, config):
     started = time.perf_counter()
     daemon = subprocess.Popen([binary, "--config", config, "run"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, env=dict(os.environ, RUST_LOG="info"), text=True)
+                              stderr=subprocess.PIPE, env=dict(os.environ, RUST_LOG="info,sqlx=warn"), text=True)
     line = daemon.stderr.readline()
+    while line and "herald started" not in line:
+        line = daemon.stderr.readline()
     startup_ms = (time.perf_counter() - started) * 1000
-    if "herald started" not in line:
-        sys.exit(f"unexpected first log line: {line}")
+    if not line:
+        sys.exit("the daemon ended before it started")
 
     def cpu_ticks():
         fields = open(f"/proc/{daemon.pid}/stat").read().rsplit(")", 1)[1].split()
@@ -256,6 +269,7 @@ def machine():
 
 
 def main():
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, even in CI logs
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=["postgres", "sqlite", "both"], default="both")
     parser.add_argument("--events", type=int, default=20000)
@@ -297,7 +311,8 @@ def main():
             ratio = result["per_second"] / results["smtp_source_reference_per_second"]
             print(f"{backend} drain: {result['messages']}/{result['planned']} messages from {args.events} events "
                   f"in {result['seconds']:.2f} s = {result['per_second']:.0f} msg/s "
-                  f"({ratio:.0%} of smtp-source), peak RSS {result['peak_rss_mib']:.1f} MiB, "
+                  f"({ratio:.0%} of smtp-source; planning {result['planning_seconds']:.1f} s, sending "
+                  f"{result['sending_seconds']:.1f} s), peak RSS {result['peak_rss_mib']:.1f} MiB, "
                   f"CPU {result['cpu_seconds']:.2f} s")
             results[f"{backend}_drain"] = result
             failed |= result["messages"] != 3 * args.events or result["planned"] != 3 * args.events

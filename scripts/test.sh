@@ -32,4 +32,18 @@ if [[ "$HERALD_TEST_POSTGRES" == postgres://postgres@127.0.0.1:5432/* ]] \
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start
 fi
 
+# Postfix's smtp-sink and smtp-source, for the end-to-end bench's smoke run below (Debian's
+# postfix package, installed with no mail system configured or started).
+bench/setup.sh
+
 cargo test "$@"
+
+# The end-to-end bench, briefly, on the debug build: it must deliver every message; it asserts
+# no timing. Skipped when arguments narrow the test run.
+if [ $# -eq 0 ]; then
+    if [ -n "$HERALD_TEST_POSTGRES" ]; then
+        HERALD_BENCH_POSTGRES="$HERALD_TEST_POSTGRES" python3 bench/e2e.py --smoke
+    else
+        python3 bench/e2e.py --smoke --backend sqlite
+    fi
+fi

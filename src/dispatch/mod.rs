@@ -74,6 +74,7 @@ impl<S: Store> Dispatcher<S> {
         // Deliveries put back for a domain's rate are due again within moments: wait for
         // them rather than stop, since they are not retries scheduled for later.
         let mut hold_until = None;
+        let mut last_attempted = 0;
         let mut pause = FIRST_PAUSE;
         let outcome = loop {
             let mut planned = 0;
@@ -84,11 +85,14 @@ impl<S: Store> Dispatcher<S> {
                     Err(err) => return Err(err.into()),
                 }
             }
-            let due = self
-                .store
-                .next_due()
-                .await?
-                .is_some_and(|at| at <= Utc::now());
+            // After a pass that sent something, more is likely due: claim again at once rather
+            // than ask for the next due time, which reads every waiting delivery.
+            let due = last_attempted > 0
+                || self
+                    .store
+                    .next_due()
+                    .await?
+                    .is_some_and(|at| at <= Utc::now());
             let sent = if due && !*shutdown.borrow() {
                 match self.sender.send_due(&shutdown).await {
                     Ok(sent) => sent,
@@ -102,6 +106,7 @@ impl<S: Store> Dispatcher<S> {
             } else {
                 SendSummary::default()
             };
+            last_attempted = sent.attempted;
             summary.planned += planned;
             summary.attempted += sent.attempted;
             hold_until = hold_until.max(sent.postponed_until);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
 use super::rate::{RateLimits, recipient_domain};
@@ -61,7 +61,17 @@ struct Context<S> {
     owner: String,
     /// The longest one send can take; a delivery whose lease ends sooner is given back.
     send_budget: Duration,
+    /// Attempts waiting to be recorded, and the turn to commit them (see [`Context::record`]).
+    unrecorded: Mutex<Vec<Unrecorded>>,
+    committing: tokio::sync::Mutex<()>,
 }
+
+/// An attempt on its way to the database, and who waits to hear it was recorded.
+type Unrecorded = (
+    i64,
+    AttemptRecord,
+    oneshot::Sender<Result<(AttemptRecord, bool), StoreError>>,
+);
 
 /// How one attempt ended for the batch it belongs to.
 enum Attempted {
@@ -90,6 +100,8 @@ impl<S: Store> Sender<S> {
                 retry: RetryPolicy::new(settings.retry),
                 limits: RateLimits::new(settings.rate_limit.clone()),
                 send_budget: settings.transport.send_budget(),
+                unrecorded: Mutex::new(Vec::new()),
+                committing: tokio::sync::Mutex::new(()),
                 settings,
                 renderer,
                 owner,
@@ -226,6 +238,71 @@ impl<S: Store> Context<S> {
         Ok(end)
     }
 
+    /// Records one attempt and returns once it is committed: whether the lease was still held.
+    ///
+    /// Attempts finished on several connections while a commit is under way are committed
+    /// together by whichever connection gets the next turn (group commit), so a commit's cost
+    /// (an fsync) is shared instead of paid per message. Each connection still waits for its
+    /// own record before its next message, so at most one unrecorded message per connection
+    /// can be resent after a crash.
+    async fn record(
+        &self,
+        delivery_id: i64,
+        record: AttemptRecord,
+    ) -> Result<(AttemptRecord, bool), StoreError> {
+        let (done, recorded) = oneshot::channel();
+        self.unrecorded
+            .lock()
+            .expect("unrecorded lock")
+            .push((delivery_id, record, done));
+        {
+            let _turn = self.committing.lock().await;
+            let batch = std::mem::take(&mut *self.unrecorded.lock().expect("unrecorded lock"));
+            if !batch.is_empty() {
+                self.commit(batch).await;
+            }
+        }
+        recorded.await.unwrap_or_else(|_| {
+            unreachable!("every queued attempt is answered by the commit that takes it")
+        })
+    }
+
+    /// Commits a batch of attempts and answers each waiter. If the batch fails, each attempt is
+    /// tried on its own, so that every waiter hears its own outcome.
+    async fn commit(&self, batch: Vec<Unrecorded>) {
+        let (waiters, attempts): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .map(|(id, record, done)| (done, (id, record)))
+            .unzip();
+        match self
+            .store
+            .record_attempts(&self.owner, &attempts, Utc::now())
+            .await
+        {
+            Ok(recorded) => {
+                for ((done, (_, record)), recorded) in
+                    waiters.into_iter().zip(attempts).zip(recorded)
+                {
+                    drop(done.send(Ok((record, recorded))));
+                }
+            }
+            Err(_) => {
+                for (done, (id, record)) in waiters.into_iter().zip(attempts) {
+                    let alone = [(id, record)];
+                    let result = self
+                        .store
+                        .record_attempts(&self.owner, &alone, Utc::now())
+                        .await
+                        .map(|recorded| {
+                            let [(_, record)] = alone;
+                            (record, recorded[0])
+                        });
+                    drop(done.send(result));
+                }
+            }
+        }
+    }
+
     /// Waits for the global rate limiter, then says whether this delivery may be sent now: not
     /// at shutdown, not when its lease could run out mid-send (another daemon could take it
     /// over and send it too), and not when the transport cannot be reached.
@@ -276,10 +353,7 @@ impl<S: Store> Context<S> {
                 None => expired,
             };
             let record = AttemptRecord::Expired { error };
-            let recorded = self
-                .store
-                .record_attempt(delivery.id, &self.owner, &record, now)
-                .await?;
+            let (record, recorded) = self.record(delivery.id, record).await?;
             log_attempt(delivery, "", delivery.attempts, &record, recorded);
             return Ok(Attempted::Recorded { throttled: None });
         }
@@ -344,10 +418,7 @@ impl<S: Store> Context<S> {
                 }
             }
         };
-        let recorded = self
-            .store
-            .record_attempt(delivery.id, &self.owner, &record, now)
-            .await?;
+        let (record, recorded) = self.record(delivery.id, record).await?;
         log_attempt(delivery, &reference, attempt, &record, recorded);
         Ok(Attempted::Recorded { throttled })
     }

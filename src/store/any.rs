@@ -101,14 +101,13 @@ impl Store for Database {
         forward!(self, s => s.claim_deliveries(owner, limit, lease, now).await)
     }
 
-    async fn record_attempt(
+    async fn record_attempts(
         &self,
-        delivery_id: i64,
         owner: &str,
-        record: &AttemptRecord,
+        attempts: &[(i64, AttemptRecord)],
         now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        forward!(self, s => s.record_attempt(delivery_id, owner, record, now).await)
+    ) -> Result<Vec<bool>, StoreError> {
+        forward!(self, s => s.record_attempts(owner, attempts, now).await)
     }
 
     async fn release(&self, owner: &str, delivery_ids: &[i64]) -> Result<(), StoreError> {

@@ -229,15 +229,15 @@ pub trait Store: Clone + Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> impl Future<Output = Result<Vec<ClaimedDelivery>, StoreError>> + Send;
 
-    /// Records an attempt on a delivery `owner` holds and ends the lease. Returns false when
-    /// the lease had been lost, in which case nothing is written.
-    fn record_attempt(
+    /// Records attempts on deliveries `owner` holds and ends their leases, all in one
+    /// transaction (one commit for the attempts of several connections). For each, false when
+    /// the lease had been lost, in which case nothing is written for it.
+    fn record_attempts(
         &self,
-        delivery_id: i64,
         owner: &str,
-        record: &AttemptRecord,
+        attempts: &[(i64, AttemptRecord)],
         now: DateTime<Utc>,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send;
 
     /// Gives leased deliveries back untouched (shutdown, lost connection): they are due again
     /// at once and no attempt is counted.

@@ -413,61 +413,20 @@ impl Store for PgStore {
         Ok(claimed)
     }
 
-    async fn record_attempt(
+    async fn record_attempts(
         &self,
-        delivery_id: i64,
         owner: &str,
-        record: &AttemptRecord,
+        attempts: &[(i64, AttemptRecord)],
         _now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        let query = match record {
-            AttemptRecord::Sent { smtp_reply, at } => sqlx::query(
-                "UPDATE herald_deliveries
-                 SET state = 'sent', attempts = attempts + 1, smtp_reply = $3, sent_at = $4,
-                     last_error = NULL, lease_owner = NULL, lease_until = NULL, updated_at = now()
-                 WHERE id = $1 AND lease_owner = $2",
-            )
-            .bind(delivery_id)
-            .bind(owner)
-            .bind(smtp_reply)
-            .bind(at),
-            AttemptRecord::Retry {
-                error,
-                smtp_reply,
-                next_attempt_at,
-            } => sqlx::query(
-                "UPDATE herald_deliveries
-                 SET state = 'retrying', attempts = attempts + 1, last_error = $3,
-                     smtp_reply = $4, next_attempt_at = $5,
-                     lease_owner = NULL, lease_until = NULL, updated_at = now()
-                 WHERE id = $1 AND lease_owner = $2",
-            )
-            .bind(delivery_id)
-            .bind(owner)
-            .bind(error)
-            .bind(smtp_reply)
-            .bind(next_attempt_at),
-            AttemptRecord::Dead { error, smtp_reply } => sqlx::query(
-                "UPDATE herald_deliveries
-                 SET state = 'dead', attempts = attempts + 1, last_error = $3, smtp_reply = $4,
-                     lease_owner = NULL, lease_until = NULL, updated_at = now()
-                 WHERE id = $1 AND lease_owner = $2",
-            )
-            .bind(delivery_id)
-            .bind(owner)
-            .bind(error)
-            .bind(smtp_reply),
-            AttemptRecord::Expired { error } => sqlx::query(
-                "UPDATE herald_deliveries
-                 SET state = 'dead', last_error = $3,
-                     lease_owner = NULL, lease_until = NULL, updated_at = now()
-                 WHERE id = $1 AND lease_owner = $2",
-            )
-            .bind(delivery_id)
-            .bind(owner)
-            .bind(error),
-        };
-        Ok(query.execute(&self.pool).await?.rows_affected() == 1)
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut recorded = Vec::with_capacity(attempts.len());
+        for (delivery_id, record) in attempts {
+            let update = attempt_update(*delivery_id, owner, record);
+            recorded.push(update.execute(&mut *tx).await?.rows_affected() == 1);
+        }
+        tx.commit().await?;
+        Ok(recorded)
     }
 
     async fn postpone(
@@ -652,6 +611,61 @@ impl Store for PgStore {
             self.spawn_listener();
         }
         Some(self.wakeups.clone())
+    }
+}
+
+/// The statement that records one attempt on a delivery `owner` holds.
+fn attempt_update<'q>(
+    delivery_id: i64,
+    owner: &'q str,
+    record: &'q AttemptRecord,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    match record {
+        AttemptRecord::Sent { smtp_reply, at } => sqlx::query(
+            "UPDATE herald_deliveries
+                 SET state = 'sent', attempts = attempts + 1, smtp_reply = $3, sent_at = $4,
+                     last_error = NULL, lease_owner = NULL, lease_until = NULL, updated_at = now()
+                 WHERE id = $1 AND lease_owner = $2",
+        )
+        .bind(delivery_id)
+        .bind(owner)
+        .bind(smtp_reply)
+        .bind(at),
+        AttemptRecord::Retry {
+            error,
+            smtp_reply,
+            next_attempt_at,
+        } => sqlx::query(
+            "UPDATE herald_deliveries
+                 SET state = 'retrying', attempts = attempts + 1, last_error = $3,
+                     smtp_reply = $4, next_attempt_at = $5,
+                     lease_owner = NULL, lease_until = NULL, updated_at = now()
+                 WHERE id = $1 AND lease_owner = $2",
+        )
+        .bind(delivery_id)
+        .bind(owner)
+        .bind(error)
+        .bind(smtp_reply)
+        .bind(next_attempt_at),
+        AttemptRecord::Dead { error, smtp_reply } => sqlx::query(
+            "UPDATE herald_deliveries
+                 SET state = 'dead', attempts = attempts + 1, last_error = $3, smtp_reply = $4,
+                     lease_owner = NULL, lease_until = NULL, updated_at = now()
+                 WHERE id = $1 AND lease_owner = $2",
+        )
+        .bind(delivery_id)
+        .bind(owner)
+        .bind(error)
+        .bind(smtp_reply),
+        AttemptRecord::Expired { error } => sqlx::query(
+            "UPDATE herald_deliveries
+                 SET state = 'dead', last_error = $3,
+                     lease_owner = NULL, lease_until = NULL, updated_at = now()
+                 WHERE id = $1 AND lease_owner = $2",
+        )
+        .bind(delivery_id)
+        .bind(owner)
+        .bind(error),
     }
 }
 

@@ -382,66 +382,21 @@ impl Store for SqliteStore {
         Ok(claimed)
     }
 
-    async fn record_attempt(
+    async fn record_attempts(
         &self,
-        delivery_id: i64,
         owner: &str,
-        record: &AttemptRecord,
+        attempts: &[(i64, AttemptRecord)],
         now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Vec<bool>, StoreError> {
         let now = format_timestamp(now);
-        let query = match record {
-            AttemptRecord::Sent { smtp_reply, at } => sqlx::query(
-                "UPDATE herald_deliveries
-                 SET state = 'sent', attempts = attempts + 1, smtp_reply = $3, sent_at = $4,
-                     last_error = NULL, lease_owner = NULL, lease_until = NULL, updated_at = $5
-                 WHERE id = $1 AND lease_owner = $2",
-            )
-            .bind(delivery_id)
-            .bind(owner)
-            .bind(smtp_reply)
-            .bind(format_timestamp(*at))
-            .bind(now),
-            AttemptRecord::Retry {
-                error,
-                smtp_reply,
-                next_attempt_at,
-            } => sqlx::query(
-                "UPDATE herald_deliveries
-                 SET state = 'retrying', attempts = attempts + 1, last_error = $3,
-                     smtp_reply = $4, next_attempt_at = $5,
-                     lease_owner = NULL, lease_until = NULL, updated_at = $6
-                 WHERE id = $1 AND lease_owner = $2",
-            )
-            .bind(delivery_id)
-            .bind(owner)
-            .bind(error)
-            .bind(smtp_reply)
-            .bind(format_timestamp(*next_attempt_at))
-            .bind(now),
-            AttemptRecord::Dead { error, smtp_reply } => sqlx::query(
-                "UPDATE herald_deliveries
-                 SET state = 'dead', attempts = attempts + 1, last_error = $3, smtp_reply = $4,
-                     lease_owner = NULL, lease_until = NULL, updated_at = $5
-                 WHERE id = $1 AND lease_owner = $2",
-            )
-            .bind(delivery_id)
-            .bind(owner)
-            .bind(error)
-            .bind(smtp_reply)
-            .bind(now),
-            AttemptRecord::Expired { error } => sqlx::query(
-                "UPDATE herald_deliveries
-                 SET state = 'dead', last_error = $3,
-                     lease_owner = NULL, lease_until = NULL, updated_at = $4
-                 WHERE id = $1 AND lease_owner = $2",
-            )
-            .bind(delivery_id)
-            .bind(owner)
-            .bind(error)
-            .bind(now),
-        };
-        Ok(query.execute(&self.pool).await?.rows_affected() == 1)
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut recorded = Vec::with_capacity(attempts.len());
+        for (delivery_id, record) in attempts {
+            let update = attempt_update(*delivery_id, owner, record, &now);
+            recorded.push(update.execute(&mut *tx).await?.rows_affected() == 1);
+        }
+        tx.commit().await?;
+        Ok(recorded)
     }
 
     async fn postpone(
@@ -628,5 +583,65 @@ impl Store for SqliteStore {
 
     fn outbox_wakeups(&self) -> Option<Arc<Notify>> {
         None
+    }
+}
+
+/// The statement that records one attempt on a delivery `owner` holds.
+fn attempt_update<'q>(
+    delivery_id: i64,
+    owner: &'q str,
+    record: &'q AttemptRecord,
+    now: &'q str,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    match record {
+        AttemptRecord::Sent { smtp_reply, at } => sqlx::query(
+            "UPDATE herald_deliveries
+                 SET state = 'sent', attempts = attempts + 1, smtp_reply = $3, sent_at = $4,
+                     last_error = NULL, lease_owner = NULL, lease_until = NULL, updated_at = $5
+                 WHERE id = $1 AND lease_owner = $2",
+        )
+        .bind(delivery_id)
+        .bind(owner)
+        .bind(smtp_reply)
+        .bind(format_timestamp(*at))
+        .bind(now),
+        AttemptRecord::Retry {
+            error,
+            smtp_reply,
+            next_attempt_at,
+        } => sqlx::query(
+            "UPDATE herald_deliveries
+                 SET state = 'retrying', attempts = attempts + 1, last_error = $3,
+                     smtp_reply = $4, next_attempt_at = $5,
+                     lease_owner = NULL, lease_until = NULL, updated_at = $6
+                 WHERE id = $1 AND lease_owner = $2",
+        )
+        .bind(delivery_id)
+        .bind(owner)
+        .bind(error)
+        .bind(smtp_reply)
+        .bind(format_timestamp(*next_attempt_at))
+        .bind(now),
+        AttemptRecord::Dead { error, smtp_reply } => sqlx::query(
+            "UPDATE herald_deliveries
+                 SET state = 'dead', attempts = attempts + 1, last_error = $3, smtp_reply = $4,
+                     lease_owner = NULL, lease_until = NULL, updated_at = $5
+                 WHERE id = $1 AND lease_owner = $2",
+        )
+        .bind(delivery_id)
+        .bind(owner)
+        .bind(error)
+        .bind(smtp_reply)
+        .bind(now),
+        AttemptRecord::Expired { error } => sqlx::query(
+            "UPDATE herald_deliveries
+                 SET state = 'dead', last_error = $3,
+                     lease_owner = NULL, lease_until = NULL, updated_at = $4
+                 WHERE id = $1 AND lease_owner = $2",
+        )
+        .bind(delivery_id)
+        .bind(owner)
+        .bind(error)
+        .bind(now),
     }
 }
