@@ -10,8 +10,8 @@ Modes (all by default):
   steady  (PostgreSQL only) runs the daemon and inserts events at a steady RATE per second
           for SECONDS, then reports insert-commit -> SMTP-accept latency percentiles (from
           the database: created_at, set at insert, and sent_at, set on the server's 250).
-  idle    starts the daemon on an empty outbox: start-up time to the "herald started" line,
-          and CPU used over 5 s of idleness.
+  idle    starts the daemon once the outbox is drained: start-up time to the "herald started"
+          line, and CPU used over 5 s of idleness.
 
 Usage:
   bench/e2e.py [--backend postgres|sqlite|both] [--events N] [--rate R] [--seconds S]
@@ -37,6 +37,34 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every daemon and server this script starts, so that none outlives it however it ends.
+STARTED = []
+
+
+def start(args, **kwargs):
+    process = subprocess.Popen(args, **kwargs)
+    STARTED.append(process)
+    return process
+
+
+def stop_all():
+    for process in STARTED:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def run_checked(args, what):
+    """Runs a command; on failure, exits with its own error output rather than a traceback."""
+    try:
+        return subprocess.run(args, check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        sys.exit(f"{what}: {args[0]} not found")
+    except subprocess.CalledProcessError as err:
+        sys.exit(f"{what} failed (exit {err.returncode}):\n{err.stderr.strip()}")
 KIND = "vxc.approval_required"  # 1 provider + 2 customer recipients in the sample directory
 STEADY_KIND = "vxc.speed_change_requested"  # 1 recipient
 
@@ -67,7 +95,7 @@ class Sink:
         if os.geteuid() == 0:
             args += ["-u", "nobody"]
         args += [f"127.0.0.1:{self.port}", "1024"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = start(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port)
 
     def stop(self):
@@ -98,14 +126,16 @@ class Postgres:
     def __init__(self, admin_url):
         self.admin = admin_url
         self.name = f"herald_bench_{os.getpid()}_{int(time.time())}"
+        base, _, query = admin_url.partition("?")
+        if base.count("/") < 3:
+            sys.exit(f"HERALD_BENCH_POSTGRES must name a database: {admin_url}")
         self.psql(self.admin, f"CREATE DATABASE {self.name}")
-        base = admin_url.split("?")[0].rsplit("/", 1)[0]
-        self.url = f"{base}/{self.name}"
+        self.url = base.rsplit("/", 1)[0] + f"/{self.name}" + (f"?{query}" if query else "")
 
     @staticmethod
     def psql(url, sql):
-        out = subprocess.run(["psql", "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", url, "-c", sql],
-                             check=True, capture_output=True, text=True)
+        out = run_checked(["psql", "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", url, "-c", sql],
+                          f"psql {url.split('@')[-1]}")
         return out.stdout.strip()
 
     def query(self, sql):
@@ -171,9 +201,8 @@ def write_config(folder, database_url, smtp_port):
     return path
 
 
-def herald(binary, config, *args, **kwargs):
-    return subprocess.run([binary, "--config", config, *args], check=True,
-                          capture_output=True, text=True, **kwargs)
+def herald(binary, config, *args):
+    return run_checked([binary, "--config", config, *args], f"herald {args[0]}")
 
 
 def drain(binary, config, db, events):
@@ -181,8 +210,8 @@ def drain(binary, config, db, events):
     db.fill(KIND, payload, events)
     env = dict(os.environ, RUST_LOG="warn")
     started = time.perf_counter()
-    process = subprocess.Popen([binary, "--config", config, "run", "--drain"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    process = start([binary, "--config", config, "run", "--drain"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     stderr = process.stderr.read()
     _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - started
@@ -190,7 +219,10 @@ def drain(binary, config, db, events):
         sys.exit(f"herald run --drain failed:\n{stderr.decode(errors='replace')}")
     sent = int(db.query("SELECT count(*) FROM herald_deliveries WHERE state = 'sent'"))
     total = int(db.query("SELECT count(*) FROM herald_deliveries"))
-    planning, sending = (float(x or 0) for x in db.query(db.PHASES).split("|"))
+    if sent != 3 * events or total != 3 * events:
+        sys.exit(f"the drain ended with {sent} of {3 * events} messages sent ({total} planned): "
+                 "no throughput figure\n" + stderr.decode(errors="replace")[-2000:])
+    planning, sending = (float(x) for x in db.query(db.PHASES).split("|"))
     return {"messages": sent, "planned": total, "seconds": elapsed,
             "planning_seconds": planning, "sending_seconds": sending,
             "per_second": sent / elapsed, "peak_rss_mib": usage.ru_maxrss / 1024,
@@ -206,11 +238,11 @@ def percentile(values, p):
 
 def steady(binary, config, db, rate, seconds):
     payload = open(os.path.join(REPO, f"examples/payloads/{STEADY_KIND}.json")).read()
-    daemon = subprocess.Popen([binary, "--config", config, "run"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env=dict(os.environ, RUST_LOG="warn"))
+    daemon = start([binary, "--config", config, "run"], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, env=dict(os.environ, RUST_LOG="warn"))
     time.sleep(1.0)
-    producer = subprocess.Popen(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", db.url],
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    producer = start(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", db.url],
+                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     statement = f"INSERT INTO herald_outbox (kind, payload) VALUES ('{STEADY_KIND}', {quote(payload)});\n"
     events = int(rate * seconds)
     started = time.perf_counter()
@@ -238,8 +270,8 @@ def steady(binary, config, db, rate, seconds):
 
 def idle(binary, config):
     started = time.perf_counter()
-    daemon = subprocess.Popen([binary, "--config", config, "run"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, env=dict(os.environ, RUST_LOG="info,sqlx=warn"), text=True)
+    daemon = start([binary, "--config", config, "run"], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE, env=dict(os.environ, RUST_LOG="info,sqlx=warn"), text=True)
     line = daemon.stderr.readline()
     while line and "herald started" not in line:
         line = daemon.stderr.readline()
@@ -270,18 +302,25 @@ def machine():
 
 def main():
     sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, even in CI logs
+    # SIGTERM (a CI timeout) unwinds like Ctrl-C, so daemons and databases are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=["postgres", "sqlite", "both"], default="both")
     parser.add_argument("--events", type=int, default=20000)
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--smoke", action="store_true",
+                        help="200 events and 2 s of steady load on the debug build; overrides --events and --seconds")
     parser.add_argument("--bin", default=None)
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = parser.parse_args()
+    if args.events < 1 or args.rate <= 0 or args.seconds <= 0:
+        parser.error("--events, --rate and --seconds must be positive")
     if args.smoke:
         args.events, args.seconds = 200, 2
     binary = args.bin or os.path.join(REPO, "target", "debug" if args.smoke else "release", "herald")
+    if args.smoke:
+        print("smoke run on the debug build: the figures below are not benchmark results")
     if not args.bin:
         profile = [] if args.smoke else ["--release"]
         subprocess.run(["cargo", "build", "--quiet", *profile], cwd=REPO, check=True)
@@ -298,12 +337,23 @@ def main():
     print(f"machine: {results['machine']}")
     print(f"smtp-source -s 4 -> smtp-sink: {results['smtp_source_reference_per_second']:.0f} msg/s")
 
+    try:
+        failed = run_backends(args, binary, admin, backends, results)
+    finally:
+        stop_all()
+    if args.json:
+        print(json.dumps(results, indent=2))
+    if failed:
+        sys.exit("not every message was delivered")
+
+
+def run_backends(args, binary, admin, backends, results):
     failed = False
     for backend in backends:
-        folder = tempfile.mkdtemp(prefix=f"herald-bench-{backend}-")
-        db = Postgres(admin) if backend == "postgres" else Sqlite(folder)
-        sink = Sink()
+        folder, db, sink = tempfile.mkdtemp(prefix=f"herald-bench-{backend}-"), None, None
         try:
+            db = Postgres(admin) if backend == "postgres" else Sqlite(folder)
+            sink = Sink()
             config = write_config(folder, db.url, sink.port)
             herald(binary, config, "migrate")
             herald(binary, config, "directory", "import", os.path.join(REPO, "examples/directory.yaml"))
@@ -329,13 +379,11 @@ def main():
                   f"{result['idle_cpu_seconds_over_5s']:.2f} s CPU over 5 s idle, RSS {result['idle_rss_mib']:.1f} MiB")
             results[f"{backend}_idle"] = result
         finally:
-            sink.stop()
-            db.drop()
+            stop_all()
+            if db is not None:
+                db.drop()
             shutil.rmtree(folder, ignore_errors=True)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    if failed:
-        sys.exit("not every message was delivered")
+    return failed
 
 
 if __name__ == "__main__":
