@@ -41,9 +41,11 @@ cargo test "$@"
 # The end-to-end bench, briefly, on the debug build: it must deliver every message; it asserts
 # no timing. Skipped when arguments narrow the test run.
 if [ $# -eq 0 ]; then
+    # The binary `cargo test` just built, rather than a second build of it.
+    smoke=(python3 bench/e2e.py --smoke --bin target/debug/herald)
     if [ -n "$HERALD_TEST_POSTGRES" ]; then
-        HERALD_BENCH_POSTGRES="$HERALD_TEST_POSTGRES" python3 bench/e2e.py --smoke
+        HERALD_BENCH_POSTGRES="$HERALD_TEST_POSTGRES" "${smoke[@]}"
     else
-        python3 bench/e2e.py --smoke --backend sqlite
+        "${smoke[@]}" --backend sqlite
     fi
 fi

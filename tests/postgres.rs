@@ -4,7 +4,6 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use herald::store::Store;
@@ -34,15 +33,6 @@ async fn count(env: &TestEnv, sql: &str) -> usize {
     env.value(sql).await.unwrap().parse().unwrap()
 }
 
-fn spawn_daemon(env: &TestEnv, log: &str) -> tokio::process::Child {
-    let log = std::fs::File::create(env.dir.path().join(log)).unwrap();
-    tokio::process::Command::from(env.herald_command(&["run"]))
-        .kill_on_drop(true)
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap()
-}
-
 async fn wait_for(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !done().await {
@@ -59,7 +49,7 @@ async fn three_daemons_share_3000_deliveries_each_sent_exactly_once() {
     };
     fill_outbox(&env, 1000).await;
     let mut daemons: Vec<_> = (0..3)
-        .map(|i| spawn_daemon(&env, &format!("daemon-{i}.log")))
+        .map(|i| env.spawn_daemon(&format!("daemon-{i}.log")))
         .collect();
 
     wait_for("3,000 messages", Duration::from_secs(240), async || {
@@ -114,7 +104,7 @@ async fn a_killed_daemons_work_is_taken_over_after_its_lease() {
     std::fs::write(&env.config, config).unwrap();
     fill_outbox(&env, 10).await;
 
-    let mut first = spawn_daemon(&env, "first.log");
+    let mut first = env.spawn_daemon("first.log");
     wait_for("a few messages", Duration::from_secs(30), async || {
         smtp.transactions().len() >= 3
     })
@@ -125,7 +115,7 @@ async fn a_killed_daemons_work_is_taken_over_after_its_lease() {
     assert!(sent_by_first < 30, "killed before the end");
 
     let killed_at = Instant::now();
-    let mut second = spawn_daemon(&env, "second.log");
+    let mut second = env.spawn_daemon("second.log");
     wait_for("all 30 deliveries", Duration::from_secs(60), async || {
         count(
             &env,
@@ -173,7 +163,7 @@ async fn an_insert_wakes_an_idle_daemon_at_once() {
         .unwrap()
         .replace("poll_interval: 200ms", "poll_interval: 30s");
     std::fs::write(&env.config, config).unwrap();
-    let mut daemon = spawn_daemon(&env, "daemon.log");
+    let mut daemon = env.spawn_daemon("daemon.log");
     // Let it start and go idle.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -323,7 +313,7 @@ async fn the_daemon_survives_a_database_restart() {
         Sink::Smtp(smtp.port),
     ))
     .await;
-    let mut daemon = spawn_daemon(&env, "daemon.log");
+    let mut daemon = env.spawn_daemon("daemon.log");
 
     env.enqueue_sample("vxc.approved").await;
     wait_for("the first row", Duration::from_secs(20), async || {

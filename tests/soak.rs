@@ -19,7 +19,6 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use support::scripted_smtp::{RandomFaults, ScriptedSmtp, Transaction};
@@ -109,14 +108,19 @@ async fn count(env: &TestEnv, sql: &str) -> usize {
         .unwrap()
 }
 
-/// Starts `herald run` with its log in the test's folder.
-fn spawn_daemon(env: &TestEnv, log: &str) -> tokio::process::Child {
-    let log = std::fs::File::create(env.dir.path().join(log)).unwrap();
-    tokio::process::Command::from(env.herald_command(&["run"]))
-        .kill_on_drop(true)
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap()
+/// Every planned delivery exists, is sent, and holds no lease.
+async fn assert_every_delivery_sent(env: &TestEnv, deliveries: usize) {
+    assert_eq!(count(env, "FROM herald_deliveries").await, deliveries);
+    assert_eq!(
+        count(
+            env,
+            "FROM herald_deliveries WHERE state <> 'sent' OR lease_owner IS NOT NULL"
+        )
+        .await,
+        0,
+        "every delivery sent, none queued or leased: {:?}",
+        states(env).await
+    );
 }
 
 /// The last lines of a daemon's log, for failure messages.
@@ -230,7 +234,7 @@ async fn soak(backend: Backend) {
     fill_outbox(&env, deliveries).await;
 
     let started = Instant::now();
-    let mut daemon = spawn_daemon(&env, "daemon.log");
+    let mut daemon = env.spawn_daemon("daemon.log");
     let deadline =
         started + Duration::from_secs(60) + Duration::from_millis(50) * deliveries as u32;
     let mut smtp = smtp;
@@ -278,17 +282,7 @@ async fn soak(backend: Backend) {
         "the daemon exits 0 on SIGTERM"
     );
 
-    assert_eq!(count(&env, "FROM herald_deliveries").await, deliveries);
-    assert_eq!(
-        count(
-            &env,
-            "FROM herald_deliveries WHERE state <> 'sent' OR lease_owner IS NOT NULL"
-        )
-        .await,
-        0,
-        "every delivery sent, no lease left: {:?}",
-        states(&env).await
-    );
+    assert_every_delivery_sent(&env, deliveries).await;
     let transactions = smtp.transactions();
     let accepted = check_message_ids(&env, &transactions).await;
     let twice: Vec<_> = accepted.iter().filter(|(_, n)| **n > 1).take(5).collect();
@@ -364,7 +358,7 @@ async fn sigkill_loop(backend: Backend) {
 
     let started = Instant::now();
     let mut kills = 0;
-    let mut daemon = spawn_daemon(&env, "daemon-0.log");
+    let mut daemon = env.spawn_daemon("daemon-0.log");
     // Planning holds outbox rows under a fixed 60 s lease (not configurable), so a kill while
     // planning would stall the test for a minute: the kills begin once every row is planned.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -381,7 +375,7 @@ async fn sigkill_loop(backend: Backend) {
         daemon.start_kill().unwrap();
         daemon.wait().await.unwrap();
         kills += 1;
-        daemon = spawn_daemon(&env, &format!("daemon-{kills}.log"));
+        daemon = env.spawn_daemon(&format!("daemon-{kills}.log"));
     }
     let last_log = format!("daemon-{kills}.log");
 
@@ -403,17 +397,7 @@ async fn sigkill_loop(backend: Backend) {
     );
 
     assert_eq!(kills, KILLS, "every kill landed while work was left");
-    assert_eq!(count(&env, "FROM herald_deliveries").await, deliveries);
-    assert_eq!(
-        count(
-            &env,
-            "FROM herald_deliveries WHERE state <> 'sent' OR lease_owner IS NOT NULL"
-        )
-        .await,
-        0,
-        "every delivery sent, none queued or leased: {:?}",
-        states(&env).await
-    );
+    assert_every_delivery_sent(&env, deliveries).await;
     let transactions = smtp.transactions();
     let accepted = check_message_ids(&env, &transactions).await;
     let duplicates: Vec<_> = accepted.iter().filter(|(_, n)| **n > 1).collect();

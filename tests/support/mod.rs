@@ -206,6 +206,16 @@ impl TestEnv {
         command
     }
 
+    /// Starts `herald run` with its log in the test's folder, killed if the test ends first.
+    pub fn spawn_daemon(&self, log: &str) -> tokio::process::Child {
+        let log = std::fs::File::create(self.dir.path().join(log)).unwrap();
+        tokio::process::Command::from(self.herald_command(&["run"]))
+            .kill_on_drop(true)
+            .stderr(std::process::Stdio::from(log))
+            .spawn()
+            .unwrap()
+    }
+
     /// Enqueues one of the shipped sample payloads.
     pub async fn enqueue_sample(&self, kind: &str) -> i64 {
         let payload =
