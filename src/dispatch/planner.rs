@@ -3,6 +3,7 @@
 //! never holds up the others.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -51,7 +52,8 @@ pub async fn plan_pending<S: Store>(store: &S, settings: &Settings) -> Result<us
 /// companies reads each once.
 #[derive(Default)]
 pub struct DirectoryCache {
-    companies: HashMap<String, Option<Vec<Contact>>>,
+    /// Shared, so that each row of the batch takes the contacts without copying them.
+    companies: HashMap<String, Option<Arc<[Contact]>>>,
 }
 
 impl DirectoryCache {
@@ -59,12 +61,13 @@ impl DirectoryCache {
         &mut self,
         store: &S,
         company_id: &str,
-    ) -> Result<Option<&[Contact]>, StoreError> {
+    ) -> Result<Option<Arc<[Contact]>>, StoreError> {
         if !self.companies.contains_key(company_id) {
             let contacts = store.company_contacts(company_id).await?;
-            self.companies.insert(company_id.to_string(), contacts);
+            self.companies
+                .insert(company_id.to_string(), contacts.map(Arc::from));
         }
-        Ok(self.companies[company_id].as_deref())
+        Ok(self.companies[company_id].clone())
     }
 }
 
@@ -90,11 +93,7 @@ pub async fn decide<S: Store>(
     let mut contacts_by_audience = Vec::new();
     for audience in Audience::ALL {
         let company_id = payload.company_id(audience);
-        let Some(contacts) = directory
-            .contacts(store, company_id)
-            .await?
-            .map(<[_]>::to_vec)
-        else {
+        let Some(contacts) = directory.contacts(store, company_id).await? else {
             return Ok(OutboxDecision::Failed {
                 reason: format!(
                     "payload field \"{audience}.company_id\": company {company_id:?} is not in the directory"
