@@ -61,10 +61,13 @@ async fn a_delivery_still_failing_at_max_age_is_dead_with_that_reason(backend: B
     let mut options = Options::on(backend, Sink::Smtp(smtp.port));
     options.max_attempts = 1000;
     options.max_age = "2s";
+    // Expiry unsent comes max_backoff after the deadline: long enough that a drain started
+    // late on a loaded machine still makes the last retry.
+    options.max_backoff = "10s";
     let env = TestEnv::new(options).await;
     env.enqueue_sample("vxc.speed_change_requested").await;
 
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (ok, log) = env.drain().await;
         assert!(ok, "{log}");
@@ -146,9 +149,12 @@ async fn a_domain_over_its_rate_waits_while_other_domains_go_out(backend: Backen
         .map(|(_, at)| *at)
         .collect();
     assert_eq!((acme.len(), cloudco.len()), (6, 3));
-    // 2 per second with a burst of one: six messages span at least 2.5 s.
+    // 2 per second with a burst of one: six sends start 2.5 s apart from first to last.
+    // sent_at is when the outcome was committed, which a loaded machine delays by a few
+    // hundred milliseconds for one message more than another; unpaced, the span is well
+    // under a second.
     let span = (acme[5] - acme[0]).to_std().unwrap();
-    assert!(span >= Duration::from_millis(2300), "acme paced: {span:?}");
+    assert!(span >= Duration::from_millis(2000), "acme paced: {span:?}");
     // The other domain did not queue behind it.
     assert!(
         cloudco[2] < acme[2],

@@ -11,18 +11,20 @@ pub mod sender;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
 use crate::config::Settings;
 use crate::render::Renderer;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 pub use sender::{SendError, SendSummary, Sender};
 
 /// The first wait after the transport or the database fails; it doubles up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_millis(500);
 const MAX_PAUSE: Duration = Duration::from_secs(60);
+/// See [`until_postponed_due`].
+const POSTPONED_SLACK: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
 
 /// How often a daemon announces itself; a daemon unheard of for three periods no longer
 /// counts towards the division of the global rate limit.
@@ -114,16 +116,11 @@ impl<S: Store> Dispatcher<S> {
                 break Ok(summary);
             }
             if planned == 0 && sent.attempted == 0 {
-                match hold_until {
-                    Some(until) if until > Utc::now() => {
-                        let wait = wait_until_due(
-                            &self.store,
-                            (until - Utc::now()).to_std().unwrap_or_default(),
-                        )
-                        .await;
+                match until_postponed_due(&self.store, hold_until).await? {
+                    Some(wait) => {
                         sleep_unless_stopping(wait.max(Duration::from_millis(1)), &shutdown).await;
                     }
-                    _ => break Ok(summary),
+                    None => break Ok(summary),
                 }
             }
         };
@@ -278,6 +275,25 @@ async fn wait_until_due<S: Store>(store: &S, poll: Duration) -> Duration {
             .min(poll),
         _ => poll,
     }
+}
+
+/// How long a drain waits for the next delivery it put back for a domain's rate, or `None`
+/// when none is still queued. Deliveries come due a little after the time this daemon
+/// chose for them (a redo of a claim that was early by the rate limiter's clock lands
+/// just past it), so work due within [`POSTPONED_SLACK`] of the latest postponement counts
+/// as postponed, not as a retry for later.
+async fn until_postponed_due<S: Store>(
+    store: &S,
+    hold_until: Option<DateTime<Utc>>,
+) -> Result<Option<Duration>, StoreError> {
+    let Some(until) = hold_until else {
+        return Ok(None);
+    };
+    Ok(store
+        .next_due()
+        .await?
+        .filter(|at| *at <= until + POSTPONED_SLACK)
+        .map(|at| (at - Utc::now()).to_std().unwrap_or_default()))
 }
 
 /// A name for this daemon's leases that no other process shares: host, process and a random

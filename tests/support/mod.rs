@@ -92,6 +92,7 @@ pub struct Options {
     pub sink: Sink,
     pub max_attempts: u32,
     pub initial_backoff: &'static str,
+    pub max_backoff: &'static str,
     pub max_age: &'static str,
     pub per_second: u32,
     /// YAML lines added under `rate_limit:` (indented by two spaces), e.g. `per_domain`.
@@ -116,6 +117,7 @@ impl Options {
             sink,
             max_attempts: 3,
             initial_backoff: "100ms",
+            max_backoff: "1s",
             max_age: "1d",
             per_second: 1000,
             rate_limit_extra: "",
@@ -379,7 +381,7 @@ fn config_yaml(dir: &Path, database_url: &str, options: &Options) -> String {
         "database:\n  url: {database_url}\n  poll_interval: 200ms\n\
          transport:\n  {transport}\n\
          rate_limit:\n  per_second: {per_second}\n  burst: {per_second}\n{rate_limit_extra}\
-         retry:\n  max_attempts: {max_attempts}\n  initial_backoff: {backoff}\n  max_backoff: 1s\n\
+         retry:\n  max_attempts: {max_attempts}\n  initial_backoff: {backoff}\n  max_backoff: {max_backoff}\n\
          \x20 max_age: {max_age}\n\
          delivery:\n  batch_size: 50\n  lease: 1m\n  shutdown_grace: {shutdown_grace}\n\
          templates:\n  dir: {templates}\n  samples: {samples}\n\
@@ -393,6 +395,7 @@ fn config_yaml(dir: &Path, database_url: &str, options: &Options) -> String {
         per_second = options.per_second,
         max_attempts = options.max_attempts,
         backoff = options.initial_backoff,
+        max_backoff = options.max_backoff,
         max_age = options.max_age,
         rate_limit_extra = options.rate_limit_extra,
         shutdown_grace = options.shutdown_grace,
