@@ -1,5 +1,6 @@
-//! End to end against a real SMTP server (Python's aiosmtpd): the sample directory imported,
-//! one payload per kind enqueued, the herald binary run, and what the server received parsed.
+//! End to end against real SMTP servers (Python's aiosmtpd, and Postfix's smtp-sink, which
+//! offers PIPELINING): the sample directory imported, one payload per kind enqueued, the
+//! herald binary run, and what the server received parsed.
 
 mod support;
 
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use herald::render::PreferenceSigner;
 use herald::store::Store;
 use mail_parser::{MessageParser, MimeHeaders};
-use support::{Aiosmtpd, Backend, Options, SAMPLE_KINDS, Sink, TestEnv};
+use support::{Aiosmtpd, Backend, Options, PostfixSink, SAMPLE_KINDS, Sink, TestEnv};
 
 /// (recipient, subject prefix) for every message the samples must produce: eight in all.
 const EXPECTED: [(&str, &str); 8] = [
@@ -22,6 +23,17 @@ const EXPECTED: [(&str, &str); 8] = [
     ("lee@acme.example", "Service up:"),
     ("noc@cloudco.example", "Speed change requested:"),
 ];
+
+/// `got` (recipient, subject) holds each of [`EXPECTED`] exactly once.
+fn assert_each_expected_once(got: &[(String, String)]) {
+    for (rcpt, prefix) in EXPECTED {
+        let matching = got
+            .iter()
+            .filter(|(r, s)| r == rcpt && s.starts_with(prefix))
+            .count();
+        assert_eq!(matching, 1, "{rcpt} / {prefix}: {got:?}");
+    }
+}
 
 async fn the_samples_reach_a_real_smtp_server_as_complete_messages(backend: Backend) {
     let smtp = Aiosmtpd::start();
@@ -103,13 +115,7 @@ async fn the_samples_reach_a_real_smtp_server_as_complete_messages(backend: Back
         EXPECTED.len(),
         "exactly one message per recipient and notification: {got:?}"
     );
-    for (rcpt, prefix) in EXPECTED {
-        let matching = got
-            .iter()
-            .filter(|(r, s)| r == rcpt && s.starts_with(prefix))
-            .count();
-        assert_eq!(matching, 1, "{rcpt} / {prefix}: {got:?}");
-    }
+    assert_each_expected_once(&got);
     assert_eq!(message_ids.len(), 8, "each delivery has its own Message-ID");
     assert!(
         (1..=4).contains(&peers.len()),
@@ -144,6 +150,53 @@ async fn the_samples_reach_a_real_smtp_server_as_complete_messages(backend: Back
         assert!(reply.starts_with("250"));
         assert!(message_ids.contains(&message_id));
     }
+}
+
+/// The same samples through a server that offers PIPELINING, so that herald sends each
+/// envelope in one write: every message arrives whole, to its own recipient, once.
+#[tokio::test]
+async fn the_samples_reach_a_pipelining_server_whole() {
+    let smtp = PostfixSink::start();
+    let env = TestEnv::new(Options::new(Sink::Smtp(smtp.port))).await;
+    for kind in SAMPLE_KINDS {
+        env.enqueue_sample(kind).await;
+    }
+    let (ok, log) = env.drain().await;
+    assert!(ok, "{log}");
+
+    let stored = env
+        .rows("SELECT recipient_email, message_id, state FROM herald_deliveries")
+        .await;
+    let received = smtp.received();
+    assert_eq!(received.len(), EXPECTED.len(), "{log}");
+    let mut got = Vec::new();
+    for (rcpt, bytes) in &received {
+        let message = MessageParser::default()
+            .parse(bytes)
+            .expect("a parsable message");
+        assert_eq!(
+            message.to().unwrap().first().unwrap().address(),
+            Some(rcpt.as_str())
+        );
+        let message_id = message.message_id().expect("Message-ID header");
+        assert!(
+            stored
+                .iter()
+                .any(|row| row[0].as_deref() == Some(rcpt.as_str())
+                    && row[1].as_deref() == Some(message_id)
+                    && row[2].as_deref() == Some("sent")),
+            "{rcpt} {message_id} is a sent delivery: {stored:?}"
+        );
+        for part in [message.body_text(0).unwrap(), message.body_html(0).unwrap()] {
+            assert!(part.contains("5f3a9c1e"), "reference in every part");
+            assert!(
+                part.contains("Level 5, 100 Harbour Street"),
+                "the footer, at the end"
+            );
+        }
+        got.push((rcpt.clone(), message.subject().unwrap().to_string()));
+    }
+    assert_each_expected_once(&got);
 }
 
 async fn the_daemon_picks_up_new_rows_and_stops_cleanly_on_sigterm(backend: Backend) {

@@ -94,6 +94,84 @@ async fn a_550_is_dead_at_once_with_the_reply_and_the_others_still_go_out(backen
     );
 }
 
+/// A refusal at RCPT TO, whether the envelope was pipelined or sent command by command.
+async fn a_recipient_refused_at_rcpt_is_dead_and_the_session_goes_on(pipelining: bool) {
+    let smtp = ScriptedSmtp::start().await;
+    if !pipelining {
+        smtp.without_pipelining();
+    }
+    smtp.script(
+        "noc@cloudco.example",
+        &[Step::RefuseRecipient(
+            "550 5.1.1 <noc@cloudco.example>: Recipient address rejected",
+        )],
+    );
+    smtp.script(
+        "dana@acme.example",
+        &[Step::RefuseRecipient("452 4.5.3 Too many recipients")],
+    );
+    let mut options = Options::new(Sink::Smtp(smtp.port));
+    options.smtp_connections = 1;
+    options.initial_backoff = "10m";
+    options.max_backoff = "10m";
+    let env = TestEnv::new(options).await;
+    env.enqueue_sample("vxc.approval_required").await;
+
+    let (ok, log) = env.drain().await;
+    assert!(ok, "{log}");
+    let rows = env.deliveries().await;
+    let emails: Vec<_> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(emails.len(), 3, "{emails:?}");
+    assert!(emails.contains(&"dana@acme.example"), "{emails:?}");
+    for (email, state, attempts, error, reply) in &rows {
+        let expected = match email.as_str() {
+            "noc@cloudco.example" => Some((
+                "dead",
+                "550 5.1.1 <noc@cloudco.example>: Recipient address rejected",
+            )),
+            "dana@acme.example" => Some(("retrying", "452 4.5.3 Too many recipients")),
+            _ => None,
+        };
+        match expected {
+            Some((expected_state, expected_reply)) => {
+                assert_eq!((state.as_str(), *attempts), (expected_state, 1), "{email}");
+                assert_eq!(reply.as_deref(), Some(expected_reply), "{email}");
+                assert!(
+                    error.as_deref().unwrap().contains(expected_reply),
+                    "the reason names the RCPT refusal, not the DATA refusal after it: {error:?}"
+                );
+            }
+            None => assert_eq!(state, "sent", "{email}"),
+        }
+    }
+    assert_eq!(
+        smtp.transactions().len(),
+        rows.len() - 2,
+        "refused recipients never reach DATA"
+    );
+    assert_eq!(
+        smtp.connections(),
+        1,
+        "each refusal is reset and the session reused"
+    );
+    let envelopes = rows.len();
+    assert_eq!(
+        smtp.pipelined_envelopes(),
+        if pipelining { envelopes } else { 0 },
+        "MAIL, RCPT and DATA are pipelined exactly when the server offers it"
+    );
+}
+
+#[tokio::test]
+async fn a_recipient_refused_at_rcpt_is_dead_and_the_session_goes_on_pipelined() {
+    a_recipient_refused_at_rcpt_is_dead_and_the_session_goes_on(true).await;
+}
+
+#[tokio::test]
+async fn a_recipient_refused_at_rcpt_is_dead_and_the_session_goes_on_in_lock_step() {
+    a_recipient_refused_at_rcpt_is_dead_and_the_session_goes_on(false).await;
+}
+
 async fn retries_stop_at_max_attempts_with_a_clear_reason(backend: Backend) {
     let smtp = ScriptedSmtp::start().await;
     smtp.script(

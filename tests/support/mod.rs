@@ -460,6 +460,86 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
     }
 }
 
+/// Postfix's smtp-sink, a real SMTP server that offers PIPELINING (aiosmtpd does not), dumping
+/// each message it accepts into a folder. The README's test command installs it.
+pub struct PostfixSink {
+    pub port: u16,
+    pub folder: tempfile::TempDir,
+    child: Child,
+}
+
+impl PostfixSink {
+    pub fn start() -> Self {
+        let port = free_port();
+        let folder = tempfile::tempdir().unwrap();
+        let mut command = Command::new("smtp-sink");
+        // smtp-sink refuses to run as root; it writes its dumps as the user it runs as.
+        if running_as_root() {
+            std::fs::set_permissions(
+                folder.path(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o777),
+            )
+            .unwrap();
+            command.args(["-u", "nobody"]);
+        }
+        let child = command
+            .arg("-d")
+            .arg(folder.path().join("message."))
+            .args([&format!("127.0.0.1:{port}"), "64"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("smtp-sink (Debian package postfix) is installed: run the tests with scripts/test.sh");
+        wait_for_port(port, Duration::from_secs(10));
+        Self {
+            port,
+            folder,
+            child,
+        }
+    }
+
+    /// The messages received so far: (envelope recipient, message bytes). smtp-sink writes
+    /// each with its envelope as `X-*-Args` headers first and LF line ends; those headers are
+    /// taken off.
+    pub fn received(&self) -> Vec<(String, Vec<u8>)> {
+        std::fs::read_dir(self.folder.path())
+            .unwrap()
+            .map(|entry| {
+                let dump = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+                let rcpt = dump
+                    .lines()
+                    .find_map(|line| line.strip_prefix("X-Rcpt-Args: <"))
+                    .and_then(|rest| rest.split('>').next())
+                    .expect("smtp-sink dumps the recipient")
+                    .to_string();
+                let message: String = dump
+                    .lines()
+                    .skip_while(|line| !line.starts_with("Received: "))
+                    .skip(1)
+                    .skip_while(|line| line.starts_with('\t'))
+                    .flat_map(|line| [line, "\r\n"])
+                    .collect();
+                (rcpt, message.into_bytes())
+            })
+            .collect()
+    }
+}
+
+impl Drop for PostfixSink {
+    fn drop(&mut self) {
+        drop(self.child.kill());
+        drop(self.child.wait());
+    }
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .any(|line| line.starts_with("Uid:") && line.split_whitespace().nth(1) == Some("0"))
+    })
+}
+
 /// Python's aiosmtpd, a complete SMTP server, recording each message it accepts into a folder
 /// (see `smtp_recorder.py`). The README's test command installs it.
 pub struct Aiosmtpd {

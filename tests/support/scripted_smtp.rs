@@ -12,13 +12,16 @@ use tokio::net::TcpListener;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::task::JoinHandle;
 
-/// What the server does at the end of one message's DATA.
+/// What the server does with one message to a recipient.
 #[derive(Debug, Clone)]
 pub enum Step {
-    /// Reply with this line, e.g. `451 4.3.0 Try again later`.
+    /// Reply with this line at the end of DATA, e.g. `451 4.3.0 Try again later`.
     Reply(&'static str),
-    /// Close the connection without replying.
+    /// Close the connection at the end of DATA without replying.
     Drop,
+    /// Refuse the recipient at RCPT TO with this line (then DATA with 554, as a server
+    /// that offers PIPELINING must).
+    RefuseRecipient(&'static str),
 }
 
 /// One message that reached the end of DATA, or whose connection ended during DATA.
@@ -79,6 +82,10 @@ struct State {
     data_delay: Duration,
     /// Offer AUTH and refuse every login (for tests that a password never leaks).
     refuse_logins: bool,
+    /// Leave PIPELINING out of the EHLO reply, so that the client waits for each reply.
+    without_pipelining: bool,
+    /// MAIL FROM commands that arrived with the next command already behind them.
+    pipelined_envelopes: usize,
     random: Option<RandomFaults>,
     /// Per message (see [`RandomFaults`]), how many times its DATA was seen.
     seen: HashMap<String, u64>,
@@ -200,6 +207,17 @@ impl ScriptedSmtp {
         self.state.lock().unwrap().refuse_logins = true;
     }
 
+    /// Stops offering PIPELINING (from the next session on).
+    pub fn without_pipelining(&self) {
+        self.state.lock().unwrap().without_pipelining = true;
+    }
+
+    /// How many MAIL FROM commands arrived with the following command in the same read: the
+    /// client pipelined its envelope.
+    pub fn pipelined_envelopes(&self) -> usize {
+        self.state.lock().unwrap().pipelined_envelopes
+    }
+
     /// Waits this long before answering the end of DATA (for shutdown tests).
     pub fn delay_data(&self, delay: Duration) {
         self.state.lock().unwrap().data_delay = delay;
@@ -249,6 +267,7 @@ async fn serve(stream: tokio::net::TcpStream, state: Arc<Mutex<State>>, connecti
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read);
     let mut rcpt = String::new();
+    let mut rcpt_refused = false;
     let mut line = String::new();
     if write.write_all(b"220 scripted ESMTP\r\n").await.is_err() {
         return;
@@ -260,26 +279,55 @@ async fn serve(stream: tokio::net::TcpStream, state: Arc<Mutex<State>>, connecti
         }
         let command = line.trim_end().to_ascii_uppercase();
         let reply: String = if command.starts_with("EHLO") {
-            if state.lock().unwrap().refuse_logins {
-                "250-scripted\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n".into()
-            } else {
-                "250-scripted\r\n250 8BITMIME\r\n".into()
+            let state = state.lock().unwrap();
+            let mut reply = "250-scripted\r\n".to_string();
+            if state.refuse_logins {
+                reply += "250-AUTH PLAIN LOGIN\r\n";
             }
+            if !state.without_pipelining {
+                reply += "250-PIPELINING\r\n";
+            }
+            reply + "250 8BITMIME\r\n"
         } else if command.starts_with("AUTH") {
             "535 5.7.8 Authentication credentials invalid\r\n".into()
-        } else if command.starts_with("HELO") || command.starts_with("MAIL FROM") {
+        } else if command.starts_with("MAIL FROM") {
+            if !lines.buffer().is_empty() {
+                state.lock().unwrap().pipelined_envelopes += 1;
+            }
+            "250 2.1.0 Ok\r\n".into()
+        } else if command.starts_with("HELO") {
             "250 2.1.0 Ok\r\n".into()
         } else if command.starts_with("RCPT TO") {
             let raw = line.trim_end();
             rcpt = raw[raw.find('<').map_or(0, |i| i + 1)..raw.rfind('>').unwrap_or(raw.len())]
                 .to_string();
-            "250 2.1.5 Ok\r\n".into()
+            let refusal = {
+                let mut state = state.lock().unwrap();
+                let steps = state.script.get_mut(&rcpt);
+                match steps.as_ref().and_then(|steps| steps.front()) {
+                    Some(Step::RefuseRecipient(reply)) => {
+                        let reply = *reply;
+                        steps.and_then(VecDeque::pop_front);
+                        Some(reply)
+                    }
+                    _ => None,
+                }
+            };
+            rcpt_refused = refusal.is_some();
+            match refusal {
+                Some(reply) => format!("{reply}\r\n"),
+                None => "250 2.1.5 Ok\r\n".into(),
+            }
+        } else if command == "DATA" && rcpt_refused {
+            rcpt_refused = false;
+            "554 5.5.1 Error: no valid recipients\r\n".into()
         } else if command == "DATA" {
             match data(&mut lines, &mut write, &state, &rcpt, connection).await {
                 Some(reply) if !reply.starts_with("421") => continue,
                 _ => return,
             }
         } else if command == "RSET" || command == "NOOP" {
+            rcpt_refused = false;
             "250 2.0.0 Ok\r\n".into()
         } else if command == "QUIT" {
             drop(write.write_all(b"221 2.0.0 Bye\r\n").await);
