@@ -186,7 +186,7 @@ def quote(text):
     return "'" + text.replace("'", "''") + "'"
 
 
-def write_config(folder, database_url, smtp_port):
+def write_config(folder, database_url, smtp_port, tuning):
     text = open(os.path.join(REPO, "config/herald.yaml")).read()
     text = text.replace("url: sqlite://../var/herald.db", f"url: {database_url}")
     text = text.replace("  kind: file ", "  kind: smtp ")
@@ -195,6 +195,10 @@ def write_config(folder, database_url, smtp_port):
     text = text.replace("dir: ../templates", f"dir: {REPO}/templates")
     text = text.replace("samples: ../examples/payloads", f"samples: {REPO}/examples/payloads")
     text = text.replace("dir: ../var/mail", f"dir: {folder}/mail")
+    if tuning.connections:
+        text = text.replace("    timeout: 30s\n", f"    timeout: 30s\n    connections: {tuning.connections}\n")
+    if tuning.batch_size:
+        text = re.sub(r"batch_size: \d+", f"batch_size: {tuning.batch_size}", text)
     path = os.path.join(folder, "herald.yaml")
     with open(path, "w") as f:
         f.write(text)
@@ -313,6 +317,10 @@ def main():
                         help="200 events and 2 s of steady load on the debug build; overrides --events and --seconds")
     parser.add_argument("--bin", default=None)
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    parser.add_argument("--connections", type=int, default=None,
+                        help="transport.smtp.connections (default: herald's default)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="delivery.batch_size (default: the shipped configuration's)")
     args = parser.parse_args()
     if args.events < 1 or args.rate <= 0 or args.seconds <= 0:
         parser.error("--events, --rate and --seconds must be positive")
@@ -354,7 +362,7 @@ def run_backends(args, binary, admin, backends, results):
         try:
             db = Postgres(admin) if backend == "postgres" else Sqlite(folder)
             sink = Sink()
-            config = write_config(folder, db.url, sink.port)
+            config = write_config(folder, db.url, sink.port, args)
             herald(binary, config, "migrate")
             herald(binary, config, "directory", "import", os.path.join(REPO, "examples/directory.yaml"))
             result = drain(binary, config, db, args.events)

@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use herald::store::Store;
+use herald::store::{AttemptRecord, Store};
 use support::scripted_smtp::{ScriptedSmtp, Step};
 use support::{Backend, Options, Sink, TestEnv, free_port};
 
@@ -375,7 +375,154 @@ async fn herald_retry_requeues_what_the_operator_chooses(backend: Backend) {
     );
 }
 
+/// Outcomes are recorded a batch at a time, in one statement: each kind of outcome sets its
+/// own columns, and a delivery whose lease another daemon took over is left alone.
+async fn one_batch_records_each_outcome_and_skips_a_lost_lease(backend: Backend) {
+    let env = TestEnv::new(Options::on(backend, Sink::Smtp(free_port()))).await;
+    env.enqueue_sample("vxc.approval_required").await;
+    env.enqueue_sample("vxc.approved").await;
+    assert!(!env.drain().await.0, "nothing listens: planned, not sent");
+    let store = env.store().await;
+    let now = Utc::now();
+    let claimed = store
+        .claim_deliveries("test-owner", 10, Duration::from_secs(60), now)
+        .await
+        .unwrap();
+    let ids: Vec<i64> = claimed.iter().map(|d| d.id).collect();
+    assert_eq!(ids.len(), 5);
+    let in_list = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    env.execute(&format!(
+        "UPDATE herald_deliveries SET smtp_reply = '451 4.3.0 earlier' WHERE id = {}",
+        ids[3]
+    ))
+    .await
+    .unwrap();
+    env.execute(&format!(
+        "UPDATE herald_deliveries SET lease_owner = 'another-daemon' WHERE id = {}",
+        ids[4]
+    ))
+    .await
+    .unwrap();
+
+    let retry_at = now + chrono::TimeDelta::minutes(5);
+    let records = [
+        AttemptRecord::Sent {
+            smtp_reply: "250 2.0.0 Ok".into(),
+            at: now,
+        },
+        AttemptRecord::Retry {
+            error: "server replied 451".into(),
+            smtp_reply: Some("451 4.3.0 Try again".into()),
+            next_attempt_at: retry_at,
+        },
+        AttemptRecord::Dead {
+            error: "server replied 550".into(),
+            smtp_reply: Some("550 5.1.1 No such user".into()),
+        },
+        AttemptRecord::Expired {
+            error: "not delivered within 5d".into(),
+        },
+        AttemptRecord::Sent {
+            smtp_reply: "250 2.0.0 Ok".into(),
+            at: now,
+        },
+    ];
+    let attempts: Vec<_> = ids.iter().copied().zip(records).collect();
+    let recorded = store
+        .record_attempts("test-owner", &attempts, now)
+        .await
+        .unwrap();
+    assert_eq!(recorded, [true, true, true, true, false]);
+
+    let rows = env
+        .rows(&format!(
+            "SELECT CAST(id AS TEXT), state, CAST(attempts AS TEXT), last_error, smtp_reply, \
+             CASE WHEN sent_at IS NULL THEN 'no' ELSE 'yes' END, lease_owner FROM herald_deliveries \
+             WHERE id IN ({}) ORDER BY id",
+            in_list(&ids)
+        ))
+        .await;
+    let row = |id: i64| {
+        rows.iter()
+            .find(|r| r[0].as_deref() == Some(id.to_string().as_str()))
+            .unwrap()[1..]
+            .to_vec()
+    };
+    let text = |v: &str| Some(v.to_string());
+    let truth = |sent: bool| text(if sent { "yes" } else { "no" });
+    assert_eq!(
+        row(ids[0]),
+        [
+            text("sent"),
+            text("1"),
+            None,
+            text("250 2.0.0 Ok"),
+            truth(true),
+            None
+        ]
+    );
+    assert_eq!(
+        row(ids[1]),
+        [
+            text("retrying"),
+            text("1"),
+            text("server replied 451"),
+            text("451 4.3.0 Try again"),
+            truth(false),
+            None
+        ]
+    );
+    assert_eq!(
+        row(ids[2]),
+        [
+            text("dead"),
+            text("1"),
+            text("server replied 550"),
+            text("550 5.1.1 No such user"),
+            truth(false),
+            None
+        ]
+    );
+    assert_eq!(
+        row(ids[3]),
+        [
+            text("dead"),
+            text("0"),
+            text("not delivered within 5d"),
+            text("451 4.3.0 earlier"),
+            truth(false),
+            None
+        ],
+        "an expiry makes no attempt and keeps the last reply"
+    );
+    assert_eq!(
+        row(ids[4]),
+        [
+            text("queued"),
+            text("0"),
+            None,
+            None,
+            truth(false),
+            text("another-daemon")
+        ],
+        "a lost lease is not recorded"
+    );
+    let next = env
+        .value(&format!(
+            "SELECT CAST(next_attempt_at AS TEXT) FROM herald_deliveries WHERE id = {}",
+            ids[1]
+        ))
+        .await
+        .unwrap();
+    let next = parse_db_time(&next);
+    assert!(
+        (next - retry_at).num_milliseconds().abs() < 2,
+        "{next} vs {retry_at}"
+    );
+}
+
 on_both_backends!(
+    one_batch_records_each_outcome_and_skips_a_lost_lease,
     a_delivery_still_failing_at_max_age_is_dead_with_that_reason,
     deliveries_older_than_max_age_when_the_relay_returns_expire_unsent,
     a_domain_over_its_rate_waits_while_other_domains_go_out,

@@ -135,6 +135,83 @@ pub enum AttemptRecord {
     Expired { error: String },
 }
 
+impl AttemptRecord {
+    /// The columns this record sets, the same on every backend, so that a backend can write a
+    /// batch of records as one statement.
+    pub(crate) fn columns(&self) -> AttemptColumns<'_> {
+        let none = AttemptColumns {
+            state: "dead",
+            attempts_added: 1,
+            last_error: None,
+            smtp_reply: None,
+            sent_at: None,
+            next_attempt_at: None,
+        };
+        match self {
+            Self::Sent { smtp_reply, at } => AttemptColumns {
+                state: "sent",
+                smtp_reply: Some(smtp_reply),
+                sent_at: Some(*at),
+                ..none
+            },
+            Self::Retry {
+                error,
+                smtp_reply,
+                next_attempt_at,
+            } => AttemptColumns {
+                state: "retrying",
+                last_error: Some(error),
+                smtp_reply: smtp_reply.as_deref(),
+                next_attempt_at: Some(*next_attempt_at),
+                ..none
+            },
+            Self::Dead { error, smtp_reply } => AttemptColumns {
+                last_error: Some(error),
+                smtp_reply: smtp_reply.as_deref(),
+                ..none
+            },
+            Self::Expired { error } => AttemptColumns {
+                attempts_added: 0,
+                last_error: Some(error),
+                ..none
+            },
+        }
+    }
+}
+
+/// How a batch of attempt records updates the deliveries, the same on every backend: `d` is
+/// the delivery, `a` the batch as a table with the columns of [`AttemptColumns`] (and `id`).
+pub(crate) const RECORD_ATTEMPTS_SET: &str = "state = a.state,
+    attempts = d.attempts + a.attempts_added,
+    last_error = a.last_error,
+    smtp_reply = CASE WHEN a.attempts_added = 0 THEN d.smtp_reply ELSE a.smtp_reply END,
+    sent_at = COALESCE(a.sent_at, d.sent_at),
+    next_attempt_at = COALESCE(a.next_attempt_at, d.next_attempt_at),
+    lease_owner = NULL, lease_until = NULL";
+
+/// For each attempt, whether its delivery is among `updated`, those the statement changed (whose
+/// lease was still held).
+fn recorded_among(attempts: &[(i64, AttemptRecord)], updated: &[i64]) -> Vec<bool> {
+    attempts
+        .iter()
+        .map(|(delivery_id, _)| updated.contains(delivery_id))
+        .collect()
+}
+
+/// What one [`AttemptRecord`] writes to its delivery, besides giving up the lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AttemptColumns<'a> {
+    pub state: &'static str,
+    /// 1 for an attempt made; 0 for an expiry, which makes none and keeps the last reply.
+    pub attempts_added: i32,
+    pub last_error: Option<&'a str>,
+    pub smtp_reply: Option<&'a str>,
+    /// Set when sent; otherwise left as it is.
+    pub sent_at: Option<DateTime<Utc>>,
+    /// Set for a retry; otherwise left as it is.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
 /// What `herald retry` requeues: retrying deliveries (made due now), or with `dead` the dead
 /// deliveries and failed outbox rows; narrowed to one outbox row or one delivery.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

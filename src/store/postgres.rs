@@ -4,7 +4,7 @@
 //! daemons' own clocks need not agree. Inserts into the outbox wake idle daemons through
 //! LISTEN/NOTIFY.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -13,8 +13,9 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use super::{
-    AttemptRecord, ClaimedDelivery, ImportSummary, OutboxDecision, PAYLOAD_READ_LIMIT,
-    RequeueRequest, RequeueSummary, StatusReport, Store, StoreError, parse_audience, redact_url,
+    AttemptColumns, AttemptRecord, ClaimedDelivery, ImportSummary, OutboxDecision,
+    PAYLOAD_READ_LIMIT, RECORD_ATTEMPTS_SET, RequeueRequest, RequeueSummary, StatusReport, Store,
+    StoreError, parse_audience, recorded_among, redact_url,
 };
 use crate::directory::{Contact, DirectoryFile};
 use crate::outbox::OutboxEvent;
@@ -24,6 +25,13 @@ const CHANNEL: &str = "herald_outbox";
 
 /// How long to wait for a free connection before reporting the database as unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A pooled connection idle this long is checked (one round trip) before it is used, since
+/// the server may have closed it meanwhile (a restart, an idle timeout). One in steady use is
+/// not: checking it before every statement would double the round trips of the hot path, and
+/// a connection that breaks mid-use fails its statement, which is retried like any other
+/// database error.
+const IDLE_BEFORE_CHECK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -37,6 +45,15 @@ impl PgStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(8)
+            .test_before_acquire(false)
+            .before_acquire(|connection, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_BEFORE_CHECK {
+                        sqlx::Connection::ping(connection).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect(url)
             .await
@@ -419,14 +436,37 @@ impl Store for PgStore {
         attempts: &[(i64, AttemptRecord)],
         _now: DateTime<Utc>,
     ) -> Result<Vec<bool>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut recorded = Vec::with_capacity(attempts.len());
-        for (delivery_id, record) in attempts {
-            let update = attempt_update(*delivery_id, owner, record);
-            recorded.push(update.execute(&mut *tx).await?.rows_affected() == 1);
+        if attempts.is_empty() {
+            return Ok(Vec::new());
         }
-        tx.commit().await?;
-        Ok(recorded)
+        // One statement for the batch: a single round trip and commit however many there are.
+        let mut columns = AttemptArrays::default();
+        for (delivery_id, record) in attempts {
+            columns.push(*delivery_id, record.columns());
+        }
+        static RECORD: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE herald_deliveries AS d SET {RECORD_ATTEMPTS_SET}, updated_at = now()
+                 FROM unnest($2::bigint[], $3::text[], $4::int[], $5::text[], $6::text[],
+                             $7::timestamptz[], $8::timestamptz[])
+                      AS a(id, state, attempts_added, last_error, smtp_reply, sent_at,
+                           next_attempt_at)
+                 WHERE d.id = a.id AND d.lease_owner = $1
+                 RETURNING d.id"
+            )
+        });
+        let updated: Vec<i64> = sqlx::query_scalar(RECORD.as_str())
+            .bind(owner)
+            .bind(columns.ids)
+            .bind(columns.states)
+            .bind(columns.attempts_added)
+            .bind(columns.last_errors)
+            .bind(columns.smtp_replies)
+            .bind(columns.sent_at)
+            .bind(columns.next_attempt_at)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(recorded_among(attempts, &updated))
     }
 
     async fn postpone(
@@ -614,58 +654,27 @@ impl Store for PgStore {
     }
 }
 
-/// The statement that records one attempt on a delivery `owner` holds.
-fn attempt_update<'q>(
-    delivery_id: i64,
-    owner: &'q str,
-    record: &'q AttemptRecord,
-) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    match record {
-        AttemptRecord::Sent { smtp_reply, at } => sqlx::query(
-            "UPDATE herald_deliveries
-                 SET state = 'sent', attempts = attempts + 1, smtp_reply = $3, sent_at = $4,
-                     last_error = NULL, lease_owner = NULL, lease_until = NULL, updated_at = now()
-                 WHERE id = $1 AND lease_owner = $2",
-        )
-        .bind(delivery_id)
-        .bind(owner)
-        .bind(smtp_reply)
-        .bind(at),
-        AttemptRecord::Retry {
-            error,
-            smtp_reply,
-            next_attempt_at,
-        } => sqlx::query(
-            "UPDATE herald_deliveries
-                 SET state = 'retrying', attempts = attempts + 1, last_error = $3,
-                     smtp_reply = $4, next_attempt_at = $5,
-                     lease_owner = NULL, lease_until = NULL, updated_at = now()
-                 WHERE id = $1 AND lease_owner = $2",
-        )
-        .bind(delivery_id)
-        .bind(owner)
-        .bind(error)
-        .bind(smtp_reply)
-        .bind(next_attempt_at),
-        AttemptRecord::Dead { error, smtp_reply } => sqlx::query(
-            "UPDATE herald_deliveries
-                 SET state = 'dead', attempts = attempts + 1, last_error = $3, smtp_reply = $4,
-                     lease_owner = NULL, lease_until = NULL, updated_at = now()
-                 WHERE id = $1 AND lease_owner = $2",
-        )
-        .bind(delivery_id)
-        .bind(owner)
-        .bind(error)
-        .bind(smtp_reply),
-        AttemptRecord::Expired { error } => sqlx::query(
-            "UPDATE herald_deliveries
-                 SET state = 'dead', last_error = $3,
-                     lease_owner = NULL, lease_until = NULL, updated_at = now()
-                 WHERE id = $1 AND lease_owner = $2",
-        )
-        .bind(delivery_id)
-        .bind(owner)
-        .bind(error),
+/// A batch of [`AttemptColumns`] as one array per column, for `unnest`.
+#[derive(Default)]
+struct AttemptArrays<'a> {
+    ids: Vec<i64>,
+    states: Vec<&'static str>,
+    attempts_added: Vec<i32>,
+    last_errors: Vec<Option<&'a str>>,
+    smtp_replies: Vec<Option<&'a str>>,
+    sent_at: Vec<Option<DateTime<Utc>>>,
+    next_attempt_at: Vec<Option<DateTime<Utc>>>,
+}
+
+impl<'a> AttemptArrays<'a> {
+    fn push(&mut self, delivery_id: i64, columns: AttemptColumns<'a>) {
+        self.ids.push(delivery_id);
+        self.states.push(columns.state);
+        self.attempts_added.push(columns.attempts_added);
+        self.last_errors.push(columns.last_error);
+        self.smtp_replies.push(columns.smtp_reply);
+        self.sent_at.push(columns.sent_at);
+        self.next_attempt_at.push(columns.next_attempt_at);
     }
 }
 

@@ -3,7 +3,7 @@
 //! on upgrade), and claims are single `UPDATE … RETURNING` statements.
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -13,8 +13,8 @@ use tokio::sync::Notify;
 
 use super::{
     AttemptRecord, ClaimedDelivery, ImportSummary, OutboxDecision, PAYLOAD_READ_LIMIT,
-    RequeueRequest, RequeueSummary, StatusReport, Store, StoreError, format_timestamp,
-    parse_audience, parse_timestamp,
+    RECORD_ATTEMPTS_SET, RequeueRequest, RequeueSummary, StatusReport, Store, StoreError,
+    format_timestamp, parse_audience, parse_timestamp, recorded_among,
 };
 use crate::directory::{Contact, DirectoryFile};
 use crate::outbox::OutboxEvent;
@@ -57,8 +57,11 @@ impl SqliteStore {
         if let Some(folder) = folder.filter(|f| create && !f.as_os_str().is_empty()) {
             std::fs::create_dir_all(&folder).map_err(|err| connect_error(sqlx::Error::Io(err)))?;
         }
+        // A connection to a local file cannot be closed from the other end: no check before
+        // use, which would cost a trip to the database thread per statement.
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(connect_error)?;
@@ -388,15 +391,45 @@ impl Store for SqliteStore {
         attempts: &[(i64, AttemptRecord)],
         now: DateTime<Utc>,
     ) -> Result<Vec<bool>, StoreError> {
-        let now = format_timestamp(now);
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut recorded = Vec::with_capacity(attempts.len());
-        for (delivery_id, record) in attempts {
-            let update = attempt_update(*delivery_id, owner, record, &now);
-            recorded.push(update.execute(&mut *tx).await?.rows_affected() == 1);
+        if attempts.is_empty() {
+            return Ok(Vec::new());
         }
-        tx.commit().await?;
-        Ok(recorded)
+        // One statement for the batch (the records passed as a JSON array): a single trip to
+        // the database thread and one commit however many there are.
+        let records: Vec<serde_json::Value> = attempts
+            .iter()
+            .map(|(delivery_id, record)| {
+                let columns = record.columns();
+                serde_json::json!([
+                    delivery_id,
+                    columns.state,
+                    columns.attempts_added,
+                    columns.last_error,
+                    columns.smtp_reply,
+                    columns.sent_at.map(format_timestamp),
+                    columns.next_attempt_at.map(format_timestamp),
+                ])
+            })
+            .collect();
+        static RECORD: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE herald_deliveries AS d SET {RECORD_ATTEMPTS_SET}, updated_at = $3
+                 FROM (SELECT value ->> 0 AS id, value ->> 1 AS state,
+                              value ->> 2 AS attempts_added, value ->> 3 AS last_error,
+                              value ->> 4 AS smtp_reply, value ->> 5 AS sent_at,
+                              value ->> 6 AS next_attempt_at
+                       FROM json_each($2)) AS a
+                 WHERE d.id = a.id AND d.lease_owner = $1
+                 RETURNING id"
+            )
+        });
+        let updated: Vec<i64> = sqlx::query_scalar(RECORD.as_str())
+            .bind(owner)
+            .bind(serde_json::Value::Array(records).to_string())
+            .bind(format_timestamp(now))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(recorded_among(attempts, &updated))
     }
 
     async fn postpone(
@@ -583,65 +616,5 @@ impl Store for SqliteStore {
 
     fn outbox_wakeups(&self) -> Option<Arc<Notify>> {
         None
-    }
-}
-
-/// The statement that records one attempt on a delivery `owner` holds.
-fn attempt_update<'q>(
-    delivery_id: i64,
-    owner: &'q str,
-    record: &'q AttemptRecord,
-    now: &'q str,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
-    match record {
-        AttemptRecord::Sent { smtp_reply, at } => sqlx::query(
-            "UPDATE herald_deliveries
-                 SET state = 'sent', attempts = attempts + 1, smtp_reply = $3, sent_at = $4,
-                     last_error = NULL, lease_owner = NULL, lease_until = NULL, updated_at = $5
-                 WHERE id = $1 AND lease_owner = $2",
-        )
-        .bind(delivery_id)
-        .bind(owner)
-        .bind(smtp_reply)
-        .bind(format_timestamp(*at))
-        .bind(now),
-        AttemptRecord::Retry {
-            error,
-            smtp_reply,
-            next_attempt_at,
-        } => sqlx::query(
-            "UPDATE herald_deliveries
-                 SET state = 'retrying', attempts = attempts + 1, last_error = $3,
-                     smtp_reply = $4, next_attempt_at = $5,
-                     lease_owner = NULL, lease_until = NULL, updated_at = $6
-                 WHERE id = $1 AND lease_owner = $2",
-        )
-        .bind(delivery_id)
-        .bind(owner)
-        .bind(error)
-        .bind(smtp_reply)
-        .bind(format_timestamp(*next_attempt_at))
-        .bind(now),
-        AttemptRecord::Dead { error, smtp_reply } => sqlx::query(
-            "UPDATE herald_deliveries
-                 SET state = 'dead', attempts = attempts + 1, last_error = $3, smtp_reply = $4,
-                     lease_owner = NULL, lease_until = NULL, updated_at = $5
-                 WHERE id = $1 AND lease_owner = $2",
-        )
-        .bind(delivery_id)
-        .bind(owner)
-        .bind(error)
-        .bind(smtp_reply)
-        .bind(now),
-        AttemptRecord::Expired { error } => sqlx::query(
-            "UPDATE herald_deliveries
-                 SET state = 'dead', last_error = $3,
-                     lease_owner = NULL, lease_until = NULL, updated_at = $4
-                 WHERE id = $1 AND lease_owner = $2",
-        )
-        .bind(delivery_id)
-        .bind(owner)
-        .bind(error)
-        .bind(now),
     }
 }
