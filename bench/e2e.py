@@ -196,7 +196,7 @@ def write_config(folder, database_url, smtp_port, tuning):
     text = text.replace("samples: ../examples/payloads", f"samples: {REPO}/examples/payloads")
     text = text.replace("dir: ../var/mail", f"dir: {folder}/mail")
     if tuning.connections:
-        text = text.replace("    timeout: 30s\n", f"    timeout: 30s\n    connections: {tuning.connections}\n")
+        text = re.sub(r"connections: \d+", f"connections: {tuning.connections}", text)
     if tuning.batch_size:
         text = re.sub(r"batch_size: \d+", f"batch_size: {tuning.batch_size}", text)
     path = os.path.join(folder, "herald.yaml")

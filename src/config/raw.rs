@@ -288,7 +288,7 @@ pub mod defaults {
     /// Enough to keep a nearby relay busy while one session waits for a reply; Postfix allows
     /// 20 per destination, but herald's relay is one destination for every message.
     pub fn smtp_connections() -> u32 {
-        4
+        8
     }
 
     pub fn per_second() -> u32 {

@@ -60,6 +60,9 @@ impl<S: Store> Dispatcher<S> {
 
     /// Processes everything that is due now, then returns. Retries scheduled for later are left
     /// for a later run. Fails when the transport is unavailable while deliveries are due.
+    ///
+    /// Planning runs as a task of its own, as in [`run`](Self::run), so that sending starts
+    /// with the first planned batch instead of after the whole outbox is planned.
     pub async fn drain(
         mut self,
         shutdown: watch::Receiver<bool>,
@@ -69,24 +72,39 @@ impl<S: Store> Dispatcher<S> {
             .heartbeat(&self.owner, Utc::now(), LIVE_WITHIN)
             .await?;
         self.sender.share_rate_with(daemons);
-        let mut summary = DrainSummary {
-            planned: 0,
-            attempted: 0,
-        };
+        let planned = Arc::new(Notify::new());
+        let planning = tokio::spawn({
+            let (store, settings, planned) =
+                (self.store.clone(), self.settings.clone(), planned.clone());
+            let shutdown = shutdown.clone();
+            async move {
+                let mut decided = 0;
+                let outcome = loop {
+                    if *shutdown.borrow() {
+                        break Ok(decided);
+                    }
+                    match planner::plan_pending(&store, &settings).await {
+                        Ok(0) => break Ok(decided),
+                        Ok(batch) => decided += batch,
+                        Err(err) => break Err(err),
+                    }
+                    planned.notify_one();
+                };
+                planned.notify_one();
+                outcome
+            }
+        });
+
+        let mut attempted = 0;
         // Deliveries put back for a domain's rate are due again within moments: wait for
         // them rather than stop, since they are not retries scheduled for later.
         let mut hold_until = None;
         let mut last_attempted = 0;
         let mut pause = FIRST_PAUSE;
-        let outcome = loop {
-            let mut planned = 0;
-            while !*shutdown.borrow() {
-                match planner::plan_pending(&self.store, &self.settings).await {
-                    Ok(0) => break,
-                    Ok(decided) => planned += decided,
-                    Err(err) => return Err(err.into()),
-                }
-            }
+        let sending = loop {
+            // Read before the pass: a pass that finds nothing after planning ended means
+            // nothing more is coming.
+            let planning_over = planning.is_finished();
             // After a pass that sent something, more is likely due: claim again at once rather
             // than ask for the next due time, which reads every waiting delivery.
             let due = last_attempted > 0
@@ -109,24 +127,37 @@ impl<S: Store> Dispatcher<S> {
                 SendSummary::default()
             };
             last_attempted = sent.attempted;
-            summary.planned += planned;
-            summary.attempted += sent.attempted;
+            attempted += sent.attempted;
             hold_until = hold_until.max(sent.postponed_until);
             if *shutdown.borrow() {
-                break Ok(summary);
+                break Ok(());
             }
-            if planned == 0 && sent.attempted == 0 {
+            if sent.attempted == 0 {
+                if !planning_over {
+                    let mut stop = shutdown.clone();
+                    tokio::select! {
+                        () = planned.notified() => {}
+                        _ = stop.wait_for(|stop| *stop) => {}
+                    }
+                    continue;
+                }
                 match until_postponed_due(&self.store, hold_until).await? {
                     Some(wait) => {
                         sleep_unless_stopping(wait.max(Duration::from_millis(1)), &shutdown).await;
                     }
-                    None => break Ok(summary),
+                    None => break Ok(()),
                 }
             }
         };
         self.sender.close().await;
+        let planning = planning.await;
         drop(self.store.retire(&self.owner).await);
-        outcome
+        sending?;
+        let planned = match planning {
+            Ok(planned) => planned?,
+            Err(err) => std::panic::resume_unwind(err.into_panic()),
+        };
+        Ok(DrainSummary { planned, attempted })
     }
 
     /// Runs until `shutdown` turns true: planning and sending as two tasks, plus a heartbeat
