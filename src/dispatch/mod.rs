@@ -9,6 +9,7 @@ pub mod retry;
 pub mod sender;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -72,10 +73,18 @@ impl<S: Store> Dispatcher<S> {
             .heartbeat(&self.owner, Utc::now(), LIVE_WITHIN)
             .await?;
         self.sender.share_rate_with(daemons);
+        // The planner sets `planning_over` before its last notification, so that a sender that
+        // saw it unset and then waits is always woken (the task's own completion may be
+        // recorded only after that notification was taken).
         let planned = Arc::new(Notify::new());
+        let planning_over = Arc::new(AtomicBool::new(false));
         let planning = tokio::spawn({
-            let (store, settings, planned) =
-                (self.store.clone(), self.settings.clone(), planned.clone());
+            let (store, settings, planned, over) = (
+                self.store.clone(),
+                self.settings.clone(),
+                planned.clone(),
+                planning_over.clone(),
+            );
             let shutdown = shutdown.clone();
             async move {
                 let mut decided = 0;
@@ -90,6 +99,7 @@ impl<S: Store> Dispatcher<S> {
                     }
                     planned.notify_one();
                 };
+                over.store(true, Ordering::SeqCst);
                 planned.notify_one();
                 outcome
             }
@@ -104,7 +114,7 @@ impl<S: Store> Dispatcher<S> {
         let sending = loop {
             // Read before the pass: a pass that finds nothing after planning ended means
             // nothing more is coming.
-            let planning_over = planning.is_finished();
+            let planning_over = planning_over.load(Ordering::SeqCst);
             // After a pass that sent something, more is likely due: claim again at once rather
             // than ask for the next due time, which reads every waiting delivery.
             let due = last_attempted > 0

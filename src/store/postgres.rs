@@ -4,11 +4,12 @@
 //! daemons' own clocks need not agree. Inserts into the outbox wake idle daemons through
 //! LISTEN/NOTIFY.
 
+use std::str::FromStr;
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
@@ -43,6 +44,18 @@ pub struct PgStore {
 impl PgStore {
     /// Connects to a `postgres://` URL.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let connect_error = |source| StoreError::Connect {
+            url: redact_url(url),
+            source,
+        };
+        // herald's tables grow from nothing to many thousand rows between two runs of
+        // autovacuum. A plan PostgreSQL cached while the deliveries table was small (a
+        // sequential scan to record outcomes, a sort of every due row to claim) stays in use
+        // once it is large, and costs milliseconds per statement. Planning each statement
+        // afresh sizes it to the table as it is now, for a fraction of that.
+        let options = PgConnectOptions::from_str(url)
+            .map_err(connect_error)?
+            .options([("plan_cache_mode", "force_custom_plan")]);
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .test_before_acquire(false)
@@ -55,12 +68,9 @@ impl PgStore {
                 })
             })
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect(url)
+            .connect_with(options)
             .await
-            .map_err(|source| StoreError::Connect {
-                url: redact_url(url),
-                source,
-            })?;
+            .map_err(connect_error)?;
         Ok(Self {
             pool,
             wakeups: Arc::new(Notify::new()),

@@ -193,9 +193,50 @@ impl TestEnv {
         self.dir.path().join("mail")
     }
 
-    /// Runs the herald binary with this installation's configuration.
+    /// Runs the herald binary with this installation's configuration. A run that outlasts
+    /// [`HERALD_RUN_LIMIT`] is killed and fails the test with what it printed, so that a hang
+    /// shows its log instead of stalling the suite.
     pub fn herald(&self, args: &[&str]) -> Output {
-        self.herald_command(args).output().expect("herald runs")
+        let mut child = self
+            .herald_command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("herald runs");
+        let (mut stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let read_out = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut stdout, &mut bytes).map(|_| bytes)
+        });
+        let read_err = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut stderr, &mut bytes).map(|_| bytes)
+        });
+        let deadline = Instant::now() + HERALD_RUN_LIMIT;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                drop(child.kill());
+                drop(child.wait());
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let stdout = read_out.join().unwrap().unwrap();
+        let stderr = read_err.join().unwrap().unwrap();
+        let Some(status) = status else {
+            panic!(
+                "herald {args:?} still running after {HERALD_RUN_LIMIT:?}; killed. Its log:\n{}",
+                String::from_utf8_lossy(&stderr)
+            );
+        };
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
     }
 
     pub fn herald_command(&self, args: &[&str]) -> Command {
@@ -305,7 +346,13 @@ impl TestEnv {
     /// Runs `herald run --drain`: whether it succeeded, and its log.
     pub async fn drain(&self) -> (bool, String) {
         let mut command = tokio::process::Command::from(self.herald_command(&["run", "--drain"]));
-        let output = command.output().await.unwrap();
+        command.kill_on_drop(true);
+        let output = tokio::time::timeout(HERALD_RUN_LIMIT, command.output())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("herald run --drain still running after {HERALD_RUN_LIMIT:?}; killed")
+            })
+            .unwrap();
         (
             output.status.success(),
             String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -539,6 +586,10 @@ fn running_as_root() -> bool {
             .any(|line| line.starts_with("Uid:") && line.split_whitespace().nth(1) == Some("0"))
     })
 }
+
+/// The longest one blocking `herald` command of a test may take: far beyond any test's
+/// needs, short of CI's patience.
+pub const HERALD_RUN_LIMIT: Duration = Duration::from_secs(180);
 
 /// Python's aiosmtpd, a complete SMTP server, recording each message it accepts into a folder
 /// (see `smtp_recorder.py`). The README's test command installs it.
