@@ -92,6 +92,20 @@ pub enum OutboxDecision {
     Failed { reason: String },
 }
 
+impl OutboxDecision {
+    /// The outbox row's new state, recipient count and reason, the same on every backend.
+    pub(crate) fn columns(&self) -> (&'static str, Option<i32>, Option<&str>) {
+        match self {
+            Self::Dispatched { deliveries, note } => (
+                "dispatched",
+                Some(i32::try_from(deliveries.len()).unwrap_or(i32::MAX)),
+                note.as_deref(),
+            ),
+            Self::Failed { reason } => ("failed", None, Some(reason.as_str())),
+        }
+    }
+}
+
 /// A delivery this daemon holds a lease on and may now send.
 #[derive(Debug, Clone)]
 pub struct ClaimedDelivery {

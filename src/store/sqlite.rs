@@ -278,12 +278,7 @@ impl Store for SqliteStore {
         let mut recorded = Vec::with_capacity(decisions.len());
         for (outbox_id, decision) in decisions {
             let outbox_id = *outbox_id;
-            let (state, recipients, reason) = match decision {
-                OutboxDecision::Dispatched { deliveries, note } => {
-                    ("dispatched", Some(deliveries.len() as i64), note.as_deref())
-                }
-                OutboxDecision::Failed { reason } => ("failed", None, Some(reason.as_str())),
-            };
+            let (state, recipients, reason) = decision.columns();
             let updated = sqlx::query(
                 "UPDATE herald_outbox
              SET state = $1, processed_at = $2, recipients = $3, reason = $4, lease_until = NULL
