@@ -6,7 +6,8 @@ Modes (all by default):
           the sample directory), runs `herald run --drain` and reports messages/s, wall time,
           how long planning and sending took, and the daemon's peak RSS. The reference from
           the same run is `smtp-source -s 4 -d` (4 sessions, each kept for message after
-          message, as herald does) into smtp-sink, with messages of herald's size.
+          message as herald keeps its own; herald's default is 8) into smtp-sink, with
+          messages of herald's size. --connections and --batch-size set herald's.
   steady  (PostgreSQL only) runs the daemon and inserts events at a steady RATE per second
           for SECONDS, then reports insert-commit -> SMTP-accept latency percentiles (from
           the database: created_at, set at insert, and sent_at, set on the server's 250).
@@ -195,9 +196,9 @@ def write_config(folder, database_url, smtp_port, tuning):
     text = text.replace("dir: ../templates", f"dir: {REPO}/templates")
     text = text.replace("samples: ../examples/payloads", f"samples: {REPO}/examples/payloads")
     text = text.replace("dir: ../var/mail", f"dir: {folder}/mail")
-    if tuning.connections:
+    if tuning.connections is not None:
         text = re.sub(r"connections: \d+", f"connections: {tuning.connections}", text)
-    if tuning.batch_size:
+    if tuning.batch_size is not None:
         text = re.sub(r"batch_size: \d+", f"batch_size: {tuning.batch_size}", text)
     path = os.path.join(folder, "herald.yaml")
     with open(path, "w") as f:
@@ -322,10 +323,16 @@ def main():
     parser.add_argument("--batch-size", type=int, default=None,
                         help="delivery.batch_size (default: the shipped configuration's)")
     args = parser.parse_args()
-    if args.events < 1 or args.rate <= 0 or args.seconds <= 0:
-        parser.error("--events, --rate and --seconds must be positive")
     if args.smoke:
         args.events, args.seconds = 200, 2
+    if args.events < 1 or args.rate <= 0 or args.seconds <= 0:
+        parser.error("--events, --rate and --seconds must be positive")
+    if args.connections is not None and not 1 <= args.connections <= 64:
+        parser.error("--connections must be between 1 and 64, as herald allows")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error("--batch-size must be positive")
+    if args.bin and not os.access(args.bin, os.X_OK):
+        parser.error(f"--bin {args.bin}: not an executable file")
     binary = args.bin or os.path.join(REPO, "target", "debug" if args.smoke else "release", "herald")
     if args.smoke:
         print("smoke run on the debug build: the figures below are not benchmark results")

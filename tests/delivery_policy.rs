@@ -163,6 +163,47 @@ async fn a_domain_over_its_rate_waits_while_other_domains_go_out(backend: Backen
     assert!(started.elapsed() < Duration::from_secs(15));
 }
 
+/// A 421 in the pass that put deliveries back for their domain's rate: the drain still
+/// waits for them, and counts the attempts of the interrupted pass.
+async fn a_drain_interrupted_by_a_421_still_sends_what_it_postponed(backend: Backend) {
+    let smtp = ScriptedSmtp::start().await;
+    smtp.script(
+        "noc@cloudco.example",
+        &[Step::Reply("421 4.7.0 Too busy, closing")],
+    );
+    let mut options = Options::on(backend, Sink::Smtp(smtp.port));
+    options.smtp_connections = 1;
+    options.initial_backoff = "10m";
+    options.max_backoff = "10m";
+    options.rate_limit_extra = "  domains:\n    acme.example: { per_second: 4, burst: 1 }\n";
+    let env = TestEnv::new(options).await;
+    env.enqueue_sample("vxc.speed_change_requested").await;
+    for _ in 0..3 {
+        env.enqueue_sample("vxc.approved").await;
+    }
+
+    let (ok, log) = env.drain().await;
+    assert!(ok, "{log}");
+    assert!(log.contains("shedding load"), "{log}");
+    let rows = env.deliveries().await;
+    for (email, state, attempts, _, _) in &rows {
+        let expected = if email == "noc@cloudco.example" {
+            "retrying"
+        } else {
+            "sent"
+        };
+        assert_eq!(
+            (state.as_str(), *attempts),
+            (expected, 1),
+            "{email}: {rows:?}"
+        );
+    }
+    assert!(
+        log.contains(&format!("attempted={}", rows.len())),
+        "the summary counts every attempt: {log}"
+    );
+}
+
 async fn a_421_ends_the_batch_and_pauses_before_the_next_message(backend: Backend) {
     let smtp = ScriptedSmtp::start().await;
     smtp.script(
@@ -523,6 +564,7 @@ async fn one_batch_records_each_outcome_and_skips_a_lost_lease(backend: Backend)
 
 on_both_backends!(
     one_batch_records_each_outcome_and_skips_a_lost_lease,
+    a_drain_interrupted_by_a_421_still_sends_what_it_postponed,
     a_delivery_still_failing_at_max_age_is_dead_with_that_reason,
     deliveries_older_than_max_age_when_the_relay_returns_expire_unsent,
     a_domain_over_its_rate_waits_while_other_domains_go_out,

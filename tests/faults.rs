@@ -172,6 +172,56 @@ async fn a_recipient_refused_at_rcpt_is_dead_and_the_session_goes_on_in_lock_ste
     a_recipient_refused_at_rcpt_is_dead_and_the_session_goes_on(false).await;
 }
 
+/// Servers that break off mid-envelope, with PIPELINING: the reply they gave before hanging up
+/// is the outcome, and a "go ahead" after a refused recipient does not turn a permanent
+/// refusal into a retry.
+#[tokio::test]
+async fn a_refusal_then_a_hang_up_keeps_the_refusal() {
+    let smtp = ScriptedSmtp::start().await;
+    smtp.script(
+        "noc@cloudco.example",
+        &[Step::RefuseRecipientAndHangUp(
+            "554 5.7.1 Rejected, goodbye",
+        )],
+    );
+    smtp.script(
+        "dana@acme.example",
+        &[Step::RefuseRecipientAndHangUp(
+            "421 4.7.0 Too busy, closing",
+        )],
+    );
+    smtp.script(
+        "pat@acme.example",
+        &[Step::RefuseRecipientThenGoAhead("550 5.1.1 No such user")],
+    );
+    let mut options = Options::new(Sink::Smtp(smtp.port));
+    options.smtp_connections = 1;
+    options.initial_backoff = "10m";
+    options.max_backoff = "10m";
+    let env = TestEnv::new(options).await;
+    env.enqueue_sample("vxc.approval_required").await;
+
+    let (ok, log) = env.drain().await;
+    assert!(ok, "{log}");
+    let rows = env.deliveries().await;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for (email, state, attempts, _, reply) in rows {
+        let expected = match email.as_str() {
+            "noc@cloudco.example" => ("dead", "554 5.7.1 Rejected, goodbye"),
+            "dana@acme.example" => ("retrying", "421 4.7.0 Too busy, closing"),
+            "pat@acme.example" => ("dead", "550 5.1.1 No such user"),
+            other => panic!("unexpected recipient {other}"),
+        };
+        assert_eq!((state.as_str(), attempts), (expected.0, 1), "{email}");
+        assert_eq!(reply.as_deref(), Some(expected.1), "{email}");
+    }
+    assert!(
+        log.contains("shedding load"),
+        "a 421 pauses sending, pipelined or not: {log}"
+    );
+    assert!(smtp.accepted().is_empty(), "nothing was accepted");
+}
+
 async fn retries_stop_at_max_attempts_with_a_clear_reason(backend: Backend) {
     let smtp = ScriptedSmtp::start().await;
     smtp.script(

@@ -125,10 +125,16 @@ impl<S: Store> Dispatcher<S> {
                     .is_some_and(|at| at <= Utc::now());
             let sent = if due && !*shutdown.borrow() {
                 match self.sender.send_due(&shutdown).await {
-                    Ok(sent) => sent,
-                    Err(SendError::Throttled(reply)) => {
+                    Ok(sent) => {
+                        pause = FIRST_PAUSE;
+                        sent
+                    }
+                    Err(SendError::Throttled { reply, sent }) => {
                         warn!(smtp_reply = %reply, pause = ?pause, "the relay is shedding load; pausing");
+                        attempted += sent.attempted;
+                        hold_until = hold_until.max(sent.postponed_until);
                         sleep_unless_stopping(next_pause(&mut pause), &shutdown).await;
+                        last_attempted = sent.attempted;
                         continue;
                     }
                     Err(err) => break Err(err),
@@ -252,7 +258,7 @@ impl<S: Store> Dispatcher<S> {
                     pause = FIRST_PAUSE;
                     continue;
                 }
-                Err(SendError::Throttled(reply)) => {
+                Err(SendError::Throttled { reply, .. }) => {
                     warn!(smtp_reply = %reply, retry_in = ?pause, "the relay is shedding load (421); sending pauses");
                     next_pause(&mut pause)
                 }

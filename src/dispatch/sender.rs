@@ -27,9 +27,10 @@ pub enum SendError {
     #[error(transparent)]
     Unavailable(#[from] Unavailable),
     /// The relay answered 421 (it is closing the session, usually from overload): the batch
-    /// stops and sending pauses, so that herald backs off instead of hammering it.
-    #[error("the relay is shedding load: {0}")]
-    Throttled(String),
+    /// stops and sending pauses, so that herald backs off instead of hammering it. `sent`
+    /// says what the batch did before it stopped.
+    #[error("the relay is shedding load: {reply}")]
+    Throttled { reply: String, sent: SendSummary },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -176,6 +177,10 @@ impl<S: Store> Sender<S> {
             stop = stop.or(end.stop);
         }
         match stop {
+            Some(SendError::Throttled { reply, .. }) => Err(SendError::Throttled {
+                reply,
+                sent: summary,
+            }),
             Some(stop) => Err(stop),
             None => Ok(summary),
         }
@@ -230,7 +235,10 @@ impl<S: Store> Context<S> {
                 } => {
                     end.attempted += 1;
                     halt.store(true, Ordering::Relaxed);
-                    end.stop = Some(SendError::Throttled(reply));
+                    end.stop = Some(SendError::Throttled {
+                        reply,
+                        sent: SendSummary::default(),
+                    });
                 }
                 Attempted::Abandoned => halt.store(true, Ordering::Relaxed),
             }

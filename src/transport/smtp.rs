@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use mail_send::smtp::tls::build_tls_connector;
 use mail_send::{Credentials, SmtpClient, SmtpClientBuilder};
+use smtp_proto::response::parser::ResponseReceiver;
 use smtp_proto::{EXT_PIPELINING, Response};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -223,7 +224,7 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
         tokio::time::timeout(client.timeout, async {
             client.stream.write_all(envelope.as_bytes()).await?;
             client.stream.flush().await?;
-            client.read_many(commands.len()).await
+            read_replies(client, commands.len()).await
         })
         .await
         .map_err(|_| mail_send::Error::Timeout)??
@@ -245,20 +246,27 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
     let go_ahead = replies.len() == commands.len() && replies[2].code == 354;
     if let Some(refusal) = replies.iter().take(2).find(|reply| !is_positive(reply)) {
         if go_ahead {
-            // A server that says "go ahead" after refusing the sender or recipient is out of
-            // step with us; the session is dropped (an I/O error) rather than fed a message.
-            return Err(mail_send::Error::Io(std::io::Error::other(format!(
-                "the server accepted DATA after refusing the envelope with {}",
-                format_reply(refusal)
-            ))));
+            // A server that says "go ahead" although it refused the sender or recipient gets
+            // an empty message (RFC 2920 section 3.1), which it must refuse for want of a
+            // recipient; the refusal that counts is the envelope's.
+            let ended = tokio::time::timeout(client.timeout, async {
+                client.stream.write_all(b".\r\n").await?;
+                client.stream.flush().await?;
+                client.read().await
+            })
+            .await;
+            if !matches!(ended, Ok(Ok(_))) {
+                return Err(mail_send::Error::UnparseableReply);
+            }
         }
         return Err(mail_send::Error::UnexpectedReply(refusal.clone()));
     }
     if !go_ahead {
-        let reply = replies.into_iter().last();
-        return Err(reply.map_or(mail_send::Error::UnparseableReply, |reply| {
-            mail_send::Error::UnexpectedReply(reply)
-        }));
+        // DATA refused, or the server closed before answering it.
+        return Err(match replies.into_iter().last() {
+            Some(reply) if !is_positive(&reply) => mail_send::Error::UnexpectedReply(reply),
+            _ => mail_send::Error::UnparseableReply,
+        });
     }
 
     let reply = tokio::time::timeout(client.timeout, async {
@@ -273,6 +281,40 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
     } else {
         Err(mail_send::Error::UnexpectedReply(reply))
     }
+}
+
+/// Reads the replies to `count` pipelined commands. A server may answer some and then close
+/// the connection (a 421, or a 554 and goodbye): the replies read until then are returned,
+/// since the first refusal among them is the outcome. mail-send's `read_many` would lose them.
+async fn read_replies<T: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut SmtpClient<T>,
+    count: usize,
+) -> mail_send::Result<Vec<Response<String>>> {
+    let mut buf = [0u8; 1024];
+    let mut replies = Vec::with_capacity(count);
+    let mut parser = ResponseReceiver::default();
+    while replies.len() < count {
+        let read = client.stream.read(&mut buf).await?;
+        if read == 0 {
+            return if replies.is_empty() {
+                Err(mail_send::Error::UnparseableReply)
+            } else {
+                Ok(replies)
+            };
+        }
+        let mut bytes = buf[..read].iter();
+        while replies.len() < count {
+            match parser.parse(&mut bytes) {
+                Ok(reply) => {
+                    replies.push(reply);
+                    parser.reset();
+                }
+                Err(smtp_proto::Error::NeedsMoreData { .. }) => break,
+                Err(_) => return Err(mail_send::Error::UnparseableReply),
+            }
+        }
+    }
+    Ok(replies)
 }
 
 fn is_positive(reply: &Response<String>) -> bool {

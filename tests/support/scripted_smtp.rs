@@ -22,6 +22,11 @@ pub enum Step {
     /// Refuse the recipient at RCPT TO with this line (then DATA with 554, as a server
     /// that offers PIPELINING must).
     RefuseRecipient(&'static str),
+    /// Refuse the recipient at RCPT TO with this line, then close the connection.
+    RefuseRecipientAndHangUp(&'static str),
+    /// Refuse the recipient at RCPT TO with this line, yet answer DATA with 354 (a broken
+    /// server), then refuse the empty message that follows.
+    RefuseRecipientThenGoAhead(&'static str),
 }
 
 /// One message that reached the end of DATA, or whose connection ended during DATA.
@@ -268,6 +273,7 @@ async fn serve(stream: tokio::net::TcpStream, state: Arc<Mutex<State>>, connecti
     let mut lines = BufReader::new(read);
     let mut rcpt = String::new();
     let mut rcpt_refused = false;
+    let mut go_ahead_anyway = false;
     let mut line = String::new();
     if write.write_all(b"220 scripted ESMTP\r\n").await.is_err() {
         return;
@@ -305,19 +311,45 @@ async fn serve(stream: tokio::net::TcpStream, state: Arc<Mutex<State>>, connecti
                 let mut state = state.lock().unwrap();
                 let steps = state.script.get_mut(&rcpt);
                 match steps.as_ref().and_then(|steps| steps.front()) {
-                    Some(Step::RefuseRecipient(reply)) => {
-                        let reply = *reply;
+                    Some(
+                        step @ (Step::RefuseRecipient(_)
+                        | Step::RefuseRecipientAndHangUp(_)
+                        | Step::RefuseRecipientThenGoAhead(_)),
+                    ) => {
+                        let step = step.clone();
                         steps.and_then(VecDeque::pop_front);
-                        Some(reply)
+                        Some(step)
                     }
                     _ => None,
                 }
             };
+            go_ahead_anyway = matches!(refusal, Some(Step::RefuseRecipientThenGoAhead(_)));
             rcpt_refused = refusal.is_some();
             match refusal {
-                Some(reply) => format!("{reply}\r\n"),
-                None => "250 2.1.5 Ok\r\n".into(),
+                Some(Step::RefuseRecipientAndHangUp(reply)) => {
+                    drop(write.write_all(format!("{reply}\r\n").as_bytes()).await);
+                    return;
+                }
+                Some(Step::RefuseRecipient(reply) | Step::RefuseRecipientThenGoAhead(reply)) => {
+                    format!("{reply}\r\n")
+                }
+                _ => "250 2.1.5 Ok\r\n".into(),
             }
+        } else if command == "DATA" && rcpt_refused && go_ahead_anyway {
+            rcpt_refused = false;
+            if write.write_all(b"354 Go ahead\r\n").await.is_err() {
+                return;
+            }
+            loop {
+                line.clear();
+                if lines.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                if line == ".\r\n" {
+                    break;
+                }
+            }
+            "554 5.5.1 Error: no valid recipients\r\n".into()
         } else if command == "DATA" && rcpt_refused {
             rcpt_refused = false;
             "554 5.5.1 Error: no valid recipients\r\n".into()
