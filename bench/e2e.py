@@ -331,7 +331,7 @@ def main():
         parser.error("--connections must be between 1 and 64, as herald allows")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be positive")
-    if args.bin and not os.access(args.bin, os.X_OK):
+    if args.bin and not (os.path.isfile(args.bin) and os.access(args.bin, os.X_OK)):
         parser.error(f"--bin {args.bin}: not an executable file")
     binary = args.bin or os.path.join(REPO, "target", "debug" if args.smoke else "release", "herald")
     if args.smoke:
