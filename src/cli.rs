@@ -243,7 +243,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 payload.as_deref(),
                 Utc::now(),
             )?;
-            std::io::stdout().write_all(&preview.format(format))?;
+            write_stdout(&preview.format(format))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Preferences {
@@ -525,6 +525,7 @@ fn why_not_requeued(delivery: i64, dead: bool, state: Option<&str>) -> String {
 }
 
 async fn print_status<S: Store>(store: &S) -> Result<()> {
+    use std::fmt::Write as _;
     let report = store.status().await?;
     let line = |counts: &[(String, i64)]| {
         if counts.is_empty() {
@@ -537,24 +538,38 @@ async fn print_status<S: Store>(store: &S) -> Result<()> {
                 .join(", ")
         }
     };
-    println!("outbox:     {}", line(&report.outbox));
-    println!("deliveries: {}", line(&report.deliveries));
+    let mut text = String::new();
+    writeln!(text, "outbox:     {}", line(&report.outbox))?;
+    writeln!(text, "deliveries: {}", line(&report.deliveries))?;
     match report.oldest_pending {
         Some(at) => {
             let age = (Utc::now() - at).num_seconds().max(0);
-            println!("oldest pending: {age}s (since {})", at.to_rfc3339());
+            writeln!(text, "oldest pending: {age}s (since {})", at.to_rfc3339())?;
         }
-        None => println!("oldest pending: none"),
+        None => writeln!(text, "oldest pending: none")?,
     }
     if !report.recent_failures.is_empty() {
-        println!("latest failures (dead deliveries and failed outbox rows), newest first:");
+        writeln!(
+            text,
+            "latest failures (dead deliveries and failed outbox rows), newest first:"
+        )?;
         for (what, reason) in &report.recent_failures {
-            println!("  {}: {}", printable(what), printable(reason));
+            writeln!(text, "  {}: {}", printable(what), printable(reason))?;
         }
-        println!(
+        writeln!(
+            text,
             "requeue with `herald retry --dead` (all), `--event ID` or `--delivery ID`; \
              the herald_outbox_status view has every row"
-        );
+        )?;
     }
-    Ok(())
+    write_stdout(text.as_bytes())
+}
+
+/// Writes to standard output. A reader that stopped reading (`herald status | head`) is not
+/// an error: what it wanted, it got.
+fn write_stdout(bytes: &[u8]) -> Result<()> {
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => Ok(written?),
+    }
 }

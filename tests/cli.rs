@@ -317,6 +317,24 @@ fn a_missing_configuration_file_names_the_path() {
     );
 }
 
+/// `herald status | head -1`: the reader goes away before herald has written everything,
+/// which is no error and certainly no panic.
+#[tokio::test]
+async fn status_into_a_closed_pipe_is_quiet() {
+    let env = TestEnv::new(Options::new(Sink::Files)).await;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let run = env
+        .herald_command(&["status"])
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{:?}: {stderr}", run.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[tokio::test]
 async fn enqueue_from_stdin_status_and_preferences_verify() {
     let env = TestEnv::new(Options::new(Sink::Files)).await;
