@@ -543,7 +543,7 @@ fn a_value_of_the_wrong_json_type_is_refused_naming_the_field_and_what_was_found
     for (payload, words) in [
         ("", "EOF while parsing"),
         ("{\"reference\": \"\\ud800\"}", "hex escape"),
-        ("\u{feff}{}", "expected value"),
+        ("\u{feff}{}", "starts with a UTF-8 byte-order mark"),
         ("{\"a\": 1,}", "trailing comma"),
     ] {
         let reason = refusal("vxc.approved", payload);

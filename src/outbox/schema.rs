@@ -208,6 +208,14 @@ impl Catalog {
         if payload.len() > MAX_PAYLOAD_BYTES {
             return Err(PayloadError::TooLarge);
         }
+        // JSON must not start with a byte-order mark (RFC 8259 section 8.1); say so, rather
+        // than "expected value at line 1 column 1" about a character no editor shows.
+        if payload.starts_with(b"\xEF\xBB\xBF") {
+            return Err(PayloadError::Malformed(
+                "it starts with a UTF-8 byte-order mark (bytes EF BB BF); write it without one"
+                    .into(),
+            ));
+        }
         let value: Value = serde_json::from_slice(payload)
             .map_err(|err| PayloadError::Malformed(err.to_string()))?;
         let Value::Object(object) = value else {
@@ -515,6 +523,20 @@ mod tests {
         );
         assert_eq!(valid.reference(), "r1");
         assert_eq!(valid.company_id(Audience::Customer), "acme");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_named_as_the_problem() {
+        let catalog = catalog("k:\n  audiences: [customer]\n").unwrap();
+        let err = catalog
+            .validate("k", format!("\u{feff}{SAMPLE}}}"))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "payload is not valid JSON: it starts with a UTF-8 byte-order mark (bytes EF BB BF); \
+             write it without one"
+        );
+        assert!(catalog.validate("k", format!("{SAMPLE}}}")).is_ok());
     }
 
     #[test]
