@@ -94,6 +94,27 @@ async fn a_550_is_dead_at_once_with_the_reply_and_the_others_still_go_out(backen
     );
 }
 
+/// Drains one `vxc.approval_required` (three recipients) through `smtp` over a single
+/// session, with retries scheduled too late to come due during the drain. Returns the log
+/// and the deliveries.
+async fn drain_approval_required_over_one_session(
+    smtp: &ScriptedSmtp,
+) -> (
+    String,
+    Vec<(String, String, i64, Option<String>, Option<String>)>,
+) {
+    let mut options = Options::new(Sink::Smtp(smtp.port));
+    options.smtp_connections = 1;
+    options.initial_backoff = "10m";
+    options.max_backoff = "10m";
+    let env = TestEnv::new(options).await;
+    env.enqueue_sample("vxc.approval_required").await;
+    let (ok, log) = env.drain().await;
+    assert!(ok, "{log}");
+    let rows = env.deliveries().await;
+    (log, rows)
+}
+
 /// A refusal at RCPT TO, whether the envelope was pipelined or sent command by command.
 async fn a_recipient_refused_at_rcpt_is_dead_and_the_session_goes_on(pipelining: bool) {
     let smtp = ScriptedSmtp::start().await;
@@ -110,16 +131,7 @@ async fn a_recipient_refused_at_rcpt_is_dead_and_the_session_goes_on(pipelining:
         "dana@acme.example",
         &[Step::RefuseRecipient("452 4.5.3 Too many recipients")],
     );
-    let mut options = Options::new(Sink::Smtp(smtp.port));
-    options.smtp_connections = 1;
-    options.initial_backoff = "10m";
-    options.max_backoff = "10m";
-    let env = TestEnv::new(options).await;
-    env.enqueue_sample("vxc.approval_required").await;
-
-    let (ok, log) = env.drain().await;
-    assert!(ok, "{log}");
-    let rows = env.deliveries().await;
+    let (_, rows) = drain_approval_required_over_one_session(&smtp).await;
     let emails: Vec<_> = rows.iter().map(|r| r.0.as_str()).collect();
     assert_eq!(emails.len(), 3, "{emails:?}");
     assert!(emails.contains(&"dana@acme.example"), "{emails:?}");
@@ -194,16 +206,7 @@ async fn a_refusal_then_a_hang_up_keeps_the_refusal() {
         "pat@acme.example",
         &[Step::RefuseRecipientThenGoAhead("550 5.1.1 No such user")],
     );
-    let mut options = Options::new(Sink::Smtp(smtp.port));
-    options.smtp_connections = 1;
-    options.initial_backoff = "10m";
-    options.max_backoff = "10m";
-    let env = TestEnv::new(options).await;
-    env.enqueue_sample("vxc.approval_required").await;
-
-    let (ok, log) = env.drain().await;
-    assert!(ok, "{log}");
-    let rows = env.deliveries().await;
+    let (log, rows) = drain_approval_required_over_one_session(&smtp).await;
     assert_eq!(rows.len(), 3, "{rows:?}");
     for (email, state, attempts, _, reply) in rows {
         let expected = match email.as_str() {

@@ -123,28 +123,27 @@ impl<S: Store> Dispatcher<S> {
                     .next_due()
                     .await?
                     .is_some_and(|at| at <= Utc::now());
-            let sent = if due && !*shutdown.borrow() {
+            let (sent, throttled) = if due && !*shutdown.borrow() {
                 match self.sender.send_due(&shutdown).await {
-                    Ok(sent) => {
-                        pause = FIRST_PAUSE;
-                        sent
-                    }
-                    Err(SendError::Throttled { reply, sent }) => {
-                        warn!(smtp_reply = %reply, pause = ?pause, "the relay is shedding load; pausing");
-                        attempted += sent.attempted;
-                        hold_until = hold_until.max(sent.postponed_until);
-                        sleep_unless_stopping(next_pause(&mut pause), &shutdown).await;
-                        last_attempted = sent.attempted;
-                        continue;
-                    }
+                    Ok(sent) => (sent, None),
+                    Err(SendError::Throttled { reply, sent }) => (sent, Some(reply)),
                     Err(err) => break Err(err),
                 }
             } else {
-                SendSummary::default()
+                (SendSummary::default(), None)
             };
             last_attempted = sent.attempted;
             attempted += sent.attempted;
             hold_until = hold_until.max(sent.postponed_until);
+            match throttled {
+                Some(reply) => {
+                    warn!(smtp_reply = %reply, pause = ?pause, "the relay is shedding load; pausing");
+                    sleep_unless_stopping(next_pause(&mut pause), &shutdown).await;
+                    continue;
+                }
+                None if due => pause = FIRST_PAUSE,
+                None => {}
+            }
             if *shutdown.borrow() {
                 break Ok(());
             }

@@ -249,13 +249,7 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
             // A server that says "go ahead" although it refused the sender or recipient gets
             // an empty message (RFC 2920 section 3.1), which it must refuse for want of a
             // recipient; the refusal that counts is the envelope's.
-            let ended = tokio::time::timeout(client.timeout, async {
-                client.stream.write_all(b".\r\n").await?;
-                client.stream.flush().await?;
-                client.read().await
-            })
-            .await;
-            if !matches!(ended, Ok(Ok(_))) {
+            if write_then_read(client, b".\r\n").await.is_err() {
                 return Err(mail_send::Error::UnparseableReply);
             }
         }
@@ -269,18 +263,26 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
         });
     }
 
-    let reply = tokio::time::timeout(client.timeout, async {
-        client.stream.write_all(data).await?;
-        client.stream.flush().await?;
-        client.read().await
-    })
-    .await
-    .map_err(|_| mail_send::Error::Timeout)??;
+    let reply = write_then_read(client, data).await?;
     if is_positive(&reply) {
         Ok(reply)
     } else {
         Err(mail_send::Error::UnexpectedReply(reply))
     }
+}
+
+/// Writes `bytes` in one piece and reads the one reply they call for, within the timeout.
+async fn write_then_read<T: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut SmtpClient<T>,
+    bytes: &[u8],
+) -> mail_send::Result<Response<String>> {
+    tokio::time::timeout(client.timeout, async {
+        client.stream.write_all(bytes).await?;
+        client.stream.flush().await?;
+        client.read().await
+    })
+    .await
+    .map_err(|_| mail_send::Error::Timeout)?
 }
 
 /// Reads the replies to `count` pipelined commands. A server may answer some and then close
