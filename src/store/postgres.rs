@@ -4,6 +4,7 @@
 //! daemons' own clocks need not agree. Inserts into the outbox wake idle daemons through
 //! LISTEN/NOTIFY.
 
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
@@ -298,70 +299,77 @@ impl Store for PgStore {
         Ok(events)
     }
 
+    /// One statement for the whole batch: the outbox rows still pending are marked decided,
+    /// and the deliveries of exactly those rows are inserted.
+    ///
+    /// The transaction commits without waiting for its WAL to reach disk
+    /// (`synchronous_commit = off`). Nothing is lost that way: a delivery is only sent after a
+    /// claim of it has committed with a flush, and that flush also makes the planning written
+    /// before it durable. A server crash can only undo planning no claim has seen; its outbox
+    /// rows are pending again and are planned anew.
     async fn record_decisions(
         &self,
         decisions: &[(i64, OutboxDecision)],
         _now: DateTime<Utc>,
     ) -> Result<Vec<bool>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut recorded = Vec::with_capacity(decisions.len());
+        let mut outbox = OutboxColumns::default();
+        let mut planned = DeliveryColumns::default();
         for (outbox_id, decision) in decisions {
-            let outbox_id = *outbox_id;
             let (state, recipients, reason) = decision.columns();
-            let updated = sqlx::query(
-                "UPDATE herald_outbox
-             SET state = $1, processed_at = now(), recipients = $2, reason = $3, lease_until = NULL
-             WHERE id = $4 AND state = 'pending'",
-            )
-            .bind(state)
-            .bind(recipients)
-            .bind(reason)
-            .bind(outbox_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            recorded.push(updated == 1);
-            if updated == 0 {
-                continue;
-            }
-
-            if let OutboxDecision::Dispatched { deliveries, .. } = decision
-                && !deliveries.is_empty()
-            {
-                let column = |f: fn(&super::NewDelivery) -> &str| -> Vec<String> {
-                    deliveries.iter().map(|d| f(d).to_string()).collect()
-                };
-                sqlx::query(
-                    "INSERT INTO herald_deliveries (outbox_id, kind, audience, contact_id,
-                    recipient_name, recipient_email, message_id, next_attempt_at,
-                    state, last_error)
-                 SELECT o.id, o.kind, t.audience, t.contact_id, t.name, t.email, t.message_id,
-                    now(), CASE WHEN t.dead IS NULL THEN 'queued' ELSE 'dead' END, t.dead
-                 FROM herald_outbox o,
-                      unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                             $7::text[])
-                        AS t(audience, contact_id, name, email, message_id, dead)
-                 WHERE o.id = $1
-                 ON CONFLICT DO NOTHING",
-                )
-                .bind(outbox_id)
-                .bind(column(|d| d.audience.as_str()))
-                .bind(column(|d| &d.contact_id))
-                .bind(column(|d| &d.recipient_name))
-                .bind(column(|d| &d.recipient_email))
-                .bind(column(|d| &d.message_id))
-                .bind(
-                    deliveries
-                        .iter()
-                        .map(|d| d.dead.clone())
-                        .collect::<Vec<Option<String>>>(),
-                )
-                .execute(&mut *tx)
-                .await?;
+            outbox.ids.push(*outbox_id);
+            outbox.states.push(state);
+            outbox.recipients.push(recipients);
+            outbox.reasons.push(reason);
+            if let OutboxDecision::Dispatched { deliveries, .. } = decision {
+                for delivery in deliveries {
+                    planned.push(*outbox_id, delivery);
+                }
             }
         }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
+        let decided: Vec<i64> = sqlx::query_scalar(
+            "WITH decided AS (
+                UPDATE herald_outbox o
+                SET state = d.state, processed_at = now(), recipients = d.recipients,
+                    reason = d.reason, lease_until = NULL
+                FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[])
+                    AS d(id, state, recipients, reason)
+                WHERE o.id = d.id AND o.state = 'pending'
+                RETURNING o.id, o.kind),
+             planned AS (
+                INSERT INTO herald_deliveries (outbox_id, kind, audience, contact_id,
+                    recipient_name, recipient_email, message_id, next_attempt_at,
+                    state, last_error)
+                SELECT decided.id, decided.kind, t.audience, t.contact_id, t.name, t.email,
+                    t.message_id, now(), CASE WHEN t.dead IS NULL THEN 'queued' ELSE 'dead' END,
+                    t.dead
+                FROM decided
+                JOIN unnest($5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[],
+                            $10::text[], $11::text[])
+                    AS t(outbox_id, audience, contact_id, name, email, message_id, dead)
+                  ON t.outbox_id = decided.id
+                ON CONFLICT DO NOTHING)
+             SELECT id FROM decided",
+        )
+        .bind(&outbox.ids)
+        .bind(&outbox.states)
+        .bind(&outbox.recipients)
+        .bind(&outbox.reasons)
+        .bind(&planned.outbox_ids)
+        .bind(&planned.audiences)
+        .bind(&planned.contact_ids)
+        .bind(&planned.names)
+        .bind(&planned.emails)
+        .bind(&planned.message_ids)
+        .bind(&planned.dead)
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(recorded)
+        let decided: HashSet<i64> = decided.into_iter().collect();
+        Ok(outbox.ids.iter().map(|id| decided.contains(id)).collect())
     }
 
     async fn claim_deliveries(
@@ -371,6 +379,15 @@ impl Store for PgStore {
         lease: Duration,
         now: DateTime<Utc>,
     ) -> Result<Vec<ClaimedDelivery>, StoreError> {
+        // A claim must walk the due-order index: the first rows it meets are the ones to take.
+        // Planned from stale statistics (a table that grew by thousands of rows since
+        // autovacuum last analyzed it, which it does at most once a minute), PostgreSQL chose
+        // a bitmap scan that reads every due row and sorts them: 16 ms per claim of 50 at
+        // 36,000 rows, against well under 1 ms for the index walk.
+        let mut tx = self.pool.begin().await?;
+        sqlx::raw_sql("SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off")
+            .execute(&mut *tx)
+            .await?;
         let rows: Vec<ClaimedRow> = sqlx::query_as(
             "WITH due AS (
                 SELECT id FROM herald_deliveries
@@ -392,8 +409,9 @@ impl Store for PgStore {
         .bind(seconds(lease))
         .bind(i64::from(limit))
         .bind(PAYLOAD_READ_LIMIT as i32)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         // The database's lease started at or after `now`, so this local deadline is never
         // later than the real one, whatever the clocks say.
         let lease_until = now + lease;
@@ -680,6 +698,39 @@ impl<'a> AttemptArrays<'a> {
         self.smtp_replies.push(columns.smtp_reply);
         self.sent_at.push(columns.sent_at);
         self.next_attempt_at.push(columns.next_attempt_at);
+    }
+}
+
+/// The outbox side of a batch of planning decisions, column by column, for `unnest`.
+#[derive(Default)]
+struct OutboxColumns<'a> {
+    ids: Vec<i64>,
+    states: Vec<&'static str>,
+    recipients: Vec<Option<i32>>,
+    reasons: Vec<Option<&'a str>>,
+}
+
+/// The deliveries of a batch of planning decisions, column by column, for `unnest`.
+#[derive(Default)]
+struct DeliveryColumns<'a> {
+    outbox_ids: Vec<i64>,
+    audiences: Vec<&'static str>,
+    contact_ids: Vec<&'a str>,
+    names: Vec<&'a str>,
+    emails: Vec<&'a str>,
+    message_ids: Vec<&'a str>,
+    dead: Vec<Option<&'a str>>,
+}
+
+impl<'a> DeliveryColumns<'a> {
+    fn push(&mut self, outbox_id: i64, delivery: &'a super::NewDelivery) {
+        self.outbox_ids.push(outbox_id);
+        self.audiences.push(delivery.audience.as_str());
+        self.contact_ids.push(&delivery.contact_id);
+        self.names.push(&delivery.recipient_name);
+        self.emails.push(&delivery.recipient_email);
+        self.message_ids.push(&delivery.message_id);
+        self.dead.push(delivery.dead.as_deref());
     }
 }
 
