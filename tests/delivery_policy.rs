@@ -163,9 +163,9 @@ async fn a_domain_over_its_rate_waits_while_other_domains_go_out(backend: Backen
     assert!(started.elapsed() < Duration::from_secs(15));
 }
 
-/// A 421 in the pass that put deliveries back for their domain's rate: the drain still
-/// waits for them, and counts the attempts of the interrupted pass.
-async fn a_drain_interrupted_by_a_421_still_sends_what_it_postponed(backend: Backend) {
+/// A relay that answers the first message to noc@cloudco.example with a 421, and options for
+/// one session that will not retry it during the test.
+async fn relay_shedding_load_once(backend: Backend) -> (ScriptedSmtp, Options) {
     let smtp = ScriptedSmtp::start().await;
     smtp.script(
         "noc@cloudco.example",
@@ -175,14 +175,12 @@ async fn a_drain_interrupted_by_a_421_still_sends_what_it_postponed(backend: Bac
     options.smtp_connections = 1;
     options.initial_backoff = "10m";
     options.max_backoff = "10m";
-    options.rate_limit_extra = "  domains:\n    acme.example: { per_second: 4, burst: 1 }\n";
-    let env = TestEnv::new(options).await;
-    env.enqueue_sample("vxc.speed_change_requested").await;
-    for _ in 0..3 {
-        env.enqueue_sample("vxc.approved").await;
-    }
+    (smtp, options)
+}
 
-    let (ok, log) = env.drain().await;
+/// After [`relay_shedding_load_once`]: the drain paused, every delivery but the throttled one
+/// was sent at the first attempt, and the summary counts every attempt.
+async fn assert_sent_but_the_throttled_one(env: &TestEnv, ok: bool, log: &str) {
     assert!(ok, "{log}");
     assert!(log.contains("shedding load"), "{log}");
     let rows = env.deliveries().await;
@@ -202,6 +200,45 @@ async fn a_drain_interrupted_by_a_421_still_sends_what_it_postponed(backend: Bac
         log.contains(&format!("attempted={}", rows.len())),
         "the summary counts every attempt: {log}"
     );
+}
+
+/// A 421 in the pass that put deliveries back for their domain's rate: the drain still
+/// waits for them, and counts the attempts of the interrupted pass.
+async fn a_drain_interrupted_by_a_421_still_sends_what_it_postponed(backend: Backend) {
+    let (_smtp, mut options) = relay_shedding_load_once(backend).await;
+    options.rate_limit_extra = "  domains:\n    acme.example: { per_second: 4, burst: 1 }\n";
+    let env = TestEnv::new(options).await;
+    env.enqueue_sample("vxc.speed_change_requested").await;
+    for _ in 0..3 {
+        env.enqueue_sample("vxc.approved").await;
+    }
+
+    let (ok, log) = env.drain().await;
+    assert_sent_but_the_throttled_one(&env, ok, &log).await;
+}
+
+/// A 421 in a pass that has already claimed its next batch: the deliveries claimed ahead are
+/// given back at once, not left under their lease, and go out after the pause.
+async fn a_421_gives_back_the_deliveries_claimed_ahead(backend: Backend) {
+    // One session and batches of two: the 421 comes for the first delivery of the third
+    // batch, claimed together with the next one while the second batch was being sent.
+    let (_smtp, mut options) = relay_shedding_load_once(backend).await;
+    options.batch_size = 2;
+    let env = TestEnv::new(options).await;
+    for _ in 0..2 {
+        env.enqueue_sample("vxc.approved").await;
+    }
+    env.enqueue_sample("vxc.speed_change_requested").await;
+    for _ in 0..3 {
+        env.enqueue_sample("vxc.approved").await;
+    }
+
+    let started = Instant::now();
+    let (ok, log) = env.drain().await;
+    assert_sent_but_the_throttled_one(&env, ok, &log).await;
+    assert_eq!(env.deliveries().await.len(), 11);
+    // Left under its one-minute lease, a delivery claimed ahead would have held it back.
+    assert!(started.elapsed() < Duration::from_secs(30));
 }
 
 async fn a_421_ends_the_batch_and_pauses_before_the_next_message(backend: Backend) {
@@ -569,6 +606,7 @@ on_both_backends!(
     deliveries_older_than_max_age_when_the_relay_returns_expire_unsent,
     a_domain_over_its_rate_waits_while_other_domains_go_out,
     a_421_ends_the_batch_and_pauses_before_the_next_message,
+    a_421_gives_back_the_deliveries_claimed_ahead,
     sigterm_abandons_a_send_that_outlasts_the_grace_period,
     herald_retry_requeues_what_the_operator_chooses,
 );

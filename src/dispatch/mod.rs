@@ -1,8 +1,9 @@
 //! The pipeline that moves notifications: outbox rows are expanded into deliveries
 //! ([`planner`]), due deliveries are rendered and sent ([`sender`]) and failures are scheduled
-//! again ([`retry`]). The daemon runs planning and sending side by side; `--drain` runs them in
-//! turn until nothing is due.
+//! again ([`retry`]). The daemon runs planning and sending side by side, and so does `--drain`,
+//! until nothing is due.
 
+mod pass;
 pub mod planner;
 pub mod rate;
 pub mod retry;

@@ -1,10 +1,11 @@
-//! Sends due deliveries: claim a batch under a lease, then for each one check its domain's
-//! rate, render, wait for the global rate limiter, hand it to the transport and record the
-//! outcome before taking the next.
+//! Sends due deliveries. A sending pass claims batches under a lease (the next one while the
+//! last is being sent), checks each delivery's domain rate, and shares the deliveries among
+//! the daemon's SMTP connections. Each connection renders, waits for the global rate limiter,
+//! hands the message to the relay and passes the outcome to the committer, which records the
+//! outcomes of all connections in one statement per round.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -12,6 +13,7 @@ use futures_util::future::join_all;
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
+use super::pass::{CLAIMS_PER_PASS, ClaimedBatch, Committed, Queue, Recorder, Unrecorded};
 use super::rate::{RateLimits, recipient_domain};
 use super::retry::{AfterFailure, RetryPolicy};
 use crate::config::Settings;
@@ -62,25 +64,31 @@ struct Context<S> {
     owner: String,
     /// The longest one send can take; a delivery whose lease ends sooner is given back.
     send_budget: Duration,
-    /// Attempts waiting to be recorded, and the turn to commit them (see [`Context::record`]).
-    unrecorded: Mutex<Vec<Unrecorded>>,
-    committing: tokio::sync::Mutex<()>,
 }
 
-/// An attempt on its way to the database, and who waits to hear it was recorded.
-type Unrecorded = (
-    i64,
-    AttemptRecord,
-    oneshot::Sender<Result<(AttemptRecord, bool), StoreError>>,
-);
-
-/// How one attempt ended for the batch it belongs to.
+/// How one attempt ended, before its outcome is recorded.
 enum Attempted {
-    Recorded {
-        throttled: Option<String>,
-    },
+    Made(Attempt),
     /// Shutdown's grace period ran out mid-send: the delivery was given back unrecorded.
     Abandoned,
+}
+
+/// An attempt's outcome, to be recorded, and what its log line needs.
+struct Attempt {
+    record: AttemptRecord,
+    /// The attempt's number (for an expired delivery, the attempts made before).
+    number: u32,
+    reference: String,
+    /// The relay's 421 reply, when it is shedding load.
+    throttled: Option<String>,
+}
+
+/// An attempt handed to the relay whose outcome is not yet committed.
+struct Unconfirmed {
+    delivery: ClaimedDelivery,
+    number: u32,
+    reference: String,
+    committed: oneshot::Receiver<Committed>,
 }
 
 /// How one connection's worker ended its part of a batch.
@@ -101,8 +109,6 @@ impl<S: Store> Sender<S> {
                 retry: RetryPolicy::new(settings.retry),
                 limits: RateLimits::new(settings.rate_limit.clone()),
                 send_budget: settings.transport.send_budget(),
-                unrecorded: Mutex::new(Vec::new()),
-                committing: tokio::sync::Mutex::new(()),
                 settings,
                 renderer,
                 owner,
@@ -117,59 +123,62 @@ impl<S: Store> Sender<S> {
         self.context.limits.share_with(daemons);
     }
 
-    /// Claims the due deliveries (one batch) and sends them over the daemon's connections, each
-    /// taking the next delivery as soon as it is free. The first connection is checked before
-    /// claiming, so while the relay is down nothing is claimed and no delivery is charged an
-    /// attempt. Each outcome is recorded as soon as the server has answered.
+    /// Claims due deliveries and sends them over the daemon's connections, each taking the
+    /// next delivery as soon as it is free. The first connection is checked before claiming,
+    /// so while the relay is down nothing is claimed and no delivery is charged an attempt.
+    /// Each outcome is recorded as soon as the server has answered.
+    ///
+    /// While the claimed deliveries are being sent, the next batch is claimed once fewer than
+    /// half a batch wait, so that no connection idles while a claim runs. A pass ends when a
+    /// claim comes back short (nothing more is due), after [`CLAIMS_PER_PASS`] claims, or when
+    /// the batch must stop (shutdown, the relay unavailable or shedding load, a lease running
+    /// short).
     pub async fn send_due(
         &mut self,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<SendSummary, SendError> {
         let context = &self.context;
-        let mut summary = SendSummary::default();
         if !context
             .ready_unless_stopping(&mut self.transports[0], shutdown)
             .await?
         {
+            return Ok(SendSummary::default());
+        }
+        let first = context.claim_batch().await?;
+        let mut summary = SendSummary {
+            attempted: 0,
+            postponed_until: first.postponed_until,
+        };
+        if first.deliveries.is_empty() {
             return Ok(summary);
         }
-        let claimed = context
-            .store
-            .claim_deliveries(
-                &context.owner,
-                context.settings.delivery.batch_size.get(),
-                context.settings.delivery.lease,
-                Utc::now(),
+
+        let queue = Queue::new(first, context.settings.delivery.batch_size.get());
+        let recorder = Recorder::default();
+        let sending = async {
+            let ends = join_all(
+                self.transports
+                    .iter_mut()
+                    .map(|transport| context.work(transport, &queue, &recorder, shutdown)),
             )
-            .await?;
-        context.limits.forget_idle_domains();
-
-        let mut later = Postponed::default();
-        let mut queue = VecDeque::with_capacity(claimed.len());
-        for delivery in claimed {
-            let domain = recipient_domain(&delivery.recipient_email);
-            match context.limits.take_domain_slot(&domain) {
-                Ok(()) => queue.push_back(delivery),
-                Err(wait) => later.push(delivery.id, domain, wait.first, wait.spacing),
-            }
-        }
-        summary.postponed_until = later.due.iter().map(|(_, at)| *at).max();
-        context.store.postpone(&context.owner, &later.due).await?;
-
-        let queue = Mutex::new(queue);
-        let halt = AtomicBool::new(false);
-        let ends = join_all(
-            self.transports
-                .iter_mut()
-                .map(|transport| context.work(transport, &queue, &halt, shutdown)),
-        )
-        .await;
-        let unsent: Vec<i64> = queue.into_inner().map_or_else(
-            |poisoned| poisoned.into_inner().iter().map(|d| d.id).collect(),
-            |queue| queue.iter().map(|d| d.id).collect(),
+            .await;
+            // However the connections stopped, the claimer and the committer stop with them.
+            queue.halt();
+            recorder.close();
+            ends
+        };
+        let (claimed_ahead, (), ends) = tokio::join!(
+            context.claim_ahead(&queue),
+            context.commit_as_recorded(&recorder),
+            sending
         );
-        context.store.release(&context.owner, &unsent).await?;
+        context
+            .store
+            .release(&context.owner, &queue.unsent())
+            .await?;
 
+        let postponed_until = claimed_ahead?;
+        summary.postponed_until = summary.postponed_until.max(postponed_until);
         let mut stop = None;
         for end in ends {
             let end = end?;
@@ -195,84 +204,163 @@ impl<S: Store> Sender<S> {
 }
 
 impl<S: Store> Context<S> {
-    /// One connection's share of a batch: takes deliveries from the queue until it is empty or
-    /// the batch must stop (shutdown, the relay unavailable or shedding load, a lease running
-    /// short), which `halt` tells the other connections. A delivery taken but not attempted
-    /// goes back to the queue, to be released.
+    /// Claims one batch and puts back, for later, the deliveries whose domain's rate is used
+    /// up.
+    async fn claim_batch(&self) -> Result<ClaimedBatch, StoreError> {
+        let limit = self.settings.delivery.batch_size.get();
+        let claimed = self
+            .store
+            .claim_deliveries(&self.owner, limit, self.settings.delivery.lease, Utc::now())
+            .await?;
+        self.limits.forget_idle_domains();
+        let full = claimed.len() >= limit as usize;
+        let mut later = Postponed::default();
+        let mut deliveries = VecDeque::with_capacity(claimed.len());
+        for delivery in claimed {
+            let domain = recipient_domain(&delivery.recipient_email);
+            match self.limits.take_domain_slot(&domain) {
+                Ok(()) => deliveries.push_back(delivery),
+                Err(wait) => later.push(delivery.id, domain, wait.first, wait.spacing),
+            }
+        }
+        self.store.postpone(&self.owner, &later.due).await?;
+        Ok(ClaimedBatch {
+            deliveries,
+            full,
+            postponed_until: later.due.iter().map(|(_, at)| *at).max(),
+        })
+    }
+
+    /// Claims the next batch whenever the queue runs low, until a claim says nothing more is
+    /// due, the pass has made its share of claims, or the batch halts. Returns when the last
+    /// deliveries put back for their domain's rate come due. On a database error it stops
+    /// claiming; the deliveries already queued are still sent.
+    async fn claim_ahead(&self, queue: &Queue) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let mut postponed_until = None;
+        let mut claims = 1;
+        let outcome = loop {
+            if !queue.wants_more() || claims >= CLAIMS_PER_PASS {
+                break Ok(postponed_until);
+            }
+            queue.until_running_low().await;
+            if queue.halted() {
+                break Ok(postponed_until);
+            }
+            match self.claim_batch().await {
+                Ok(batch) => {
+                    claims += 1;
+                    postponed_until = postponed_until.max(batch.postponed_until);
+                    queue.refill(batch);
+                }
+                Err(err) => break Err(err),
+            }
+        };
+        queue.no_more_claims();
+        outcome
+    }
+
+    /// One connection's share of a pass: takes deliveries from the queue until it is empty and
+    /// no more will be claimed, or the batch must stop (shutdown, the relay unavailable or
+    /// shedding load, a lease running short, a database error), which halting the queue tells
+    /// the other connections and the claimer. A delivery taken but not attempted goes back to
+    /// the queue, to be released.
+    ///
+    /// Each outcome goes to the committer as soon as the relay has answered, and the next
+    /// message is sent while it is being committed; the one after waits until it is. So at
+    /// most two messages per connection are accepted by the relay and not yet recorded, which
+    /// bounds what a crash can resend.
     async fn work(
         &self,
         transport: &mut Transport,
-        queue: &Mutex<VecDeque<ClaimedDelivery>>,
-        halt: &AtomicBool,
+        queue: &Queue,
+        recorder: &Recorder,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<WorkerEnd, StoreError> {
         let mut end = WorkerEnd {
             attempted: 0,
             stop: None,
         };
-        let take = || queue.lock().expect("queue lock").pop_front();
-        let give_back = |delivery| queue.lock().expect("queue lock").push_front(delivery);
-        while !halt.load(Ordering::Relaxed) {
-            let Some(delivery) = take() else { break };
+        let mut unconfirmed = None;
+        while !queue.halted() {
+            let Some(delivery) = queue.next().await else {
+                break;
+            };
+            if queue.halted() {
+                queue.give_back(delivery);
+                break;
+            }
             match self.ready_to_send(transport, &delivery, shutdown).await {
                 Ok(true) => {}
                 Ok(false) => {
-                    give_back(delivery);
-                    halt.store(true, Ordering::Relaxed);
+                    queue.give_back(delivery);
+                    queue.halt();
                     break;
                 }
                 Err(unavailable) => {
-                    give_back(delivery);
-                    halt.store(true, Ordering::Relaxed);
+                    queue.give_back(delivery);
+                    queue.halt();
                     end.stop = Some(unavailable.into());
                     break;
                 }
             }
-            match self.attempt(transport, &delivery, shutdown).await? {
-                Attempted::Recorded { throttled: None } => end.attempted += 1,
-                Attempted::Recorded {
-                    throttled: Some(reply),
-                } => {
-                    end.attempted += 1;
-                    halt.store(true, Ordering::Relaxed);
-                    end.stop = Some(SendError::Throttled {
-                        reply,
-                        sent: SendSummary::default(),
-                    });
+            let attempt = match self.attempt(transport, &delivery, shutdown).await {
+                Ok(Attempted::Made(attempt)) => attempt,
+                Ok(Attempted::Abandoned) => {
+                    queue.halt();
+                    break;
                 }
-                Attempted::Abandoned => halt.store(true, Ordering::Relaxed),
+                Err(err) => {
+                    queue.halt();
+                    return Err(err);
+                }
+            };
+            end.attempted += 1;
+            let sent = Unconfirmed {
+                committed: recorder.record(delivery.id, attempt.record),
+                delivery,
+                number: attempt.number,
+                reference: attempt.reference,
+            };
+            if let Some(previous) = unconfirmed.replace(sent) {
+                self.confirm(previous).await.inspect_err(|_| queue.halt())?;
             }
+            if let Some(reply) = attempt.throttled {
+                queue.halt();
+                end.stop = Some(SendError::Throttled {
+                    reply,
+                    sent: SendSummary::default(),
+                });
+            }
+        }
+        if let Some(last) = unconfirmed {
+            self.confirm(last).await?;
         }
         Ok(end)
     }
 
-    /// Records one attempt and returns once it is committed: whether the lease was still held.
-    ///
-    /// Attempts finished on several connections while a commit is under way are committed
-    /// together by whichever connection gets the next turn (group commit), so a commit's cost
-    /// (an fsync) is shared instead of paid per message. Each connection still waits for its
-    /// own record before its next message, so at most one unrecorded message per connection
-    /// can be resent after a crash.
-    async fn record(
-        &self,
-        delivery_id: i64,
-        record: AttemptRecord,
-    ) -> Result<(AttemptRecord, bool), StoreError> {
-        let (done, recorded) = oneshot::channel();
-        self.unrecorded
-            .lock()
-            .expect("unrecorded lock")
-            .push((delivery_id, record, done));
-        {
-            let _turn = self.committing.lock().await;
-            let batch = std::mem::take(&mut *self.unrecorded.lock().expect("unrecorded lock"));
-            if !batch.is_empty() {
-                self.commit(batch).await;
-            }
+    /// Waits until an attempt's outcome is committed, then logs it.
+    async fn confirm(&self, sent: Unconfirmed) -> Result<(), StoreError> {
+        let (record, recorded) = sent.committed.await.unwrap_or_else(|_| {
+            unreachable!("every recorded attempt is answered by the commit that takes it")
+        })?;
+        log_attempt(
+            &sent.delivery,
+            &sent.reference,
+            sent.number,
+            &record,
+            recorded,
+        );
+        Ok(())
+    }
+
+    /// Commits the attempts as they come in, all those that arrived during one commit together
+    /// in the next (group commit), so that a commit's cost (a round trip and an fsync) is
+    /// shared instead of paid per message. Returns once the connections have stopped and
+    /// every attempt is committed.
+    async fn commit_as_recorded(&self, recorder: &Recorder) {
+        while let Some(batch) = recorder.next_batch().await {
+            self.commit(batch).await;
         }
-        recorded.await.unwrap_or_else(|_| {
-            unreachable!("every queued attempt is answered by the commit that takes it")
-        })
     }
 
     /// Commits a batch of attempts and answers each waiter. If the batch fails, each attempt is
@@ -345,8 +433,8 @@ impl<S: Store> Context<S> {
         }
     }
 
-    /// One attempt at one delivery, recorded before returning; or, when shutdown's grace
-    /// period ends mid-send, given back unrecorded.
+    /// One attempt at one delivery, whose outcome the caller records; or, when shutdown's
+    /// grace period ends mid-send, given back unrecorded.
     async fn attempt(
         &self,
         transport: &mut Transport,
@@ -360,10 +448,12 @@ impl<S: Store> Context<S> {
                 Some(last) => format!("{expired}; last error: {last}"),
                 None => expired,
             };
-            let record = AttemptRecord::Expired { error };
-            let (record, recorded) = self.record(delivery.id, record).await?;
-            log_attempt(delivery, "", delivery.attempts, &record, recorded);
-            return Ok(Attempted::Recorded { throttled: None });
+            return Ok(Attempted::Made(Attempt {
+                record: AttemptRecord::Expired { error },
+                number: delivery.attempts,
+                reference: String::new(),
+                throttled: None,
+            }));
         }
 
         let (outcome, reference) = match self.prepare(delivery) {
@@ -426,9 +516,12 @@ impl<S: Store> Context<S> {
                 }
             }
         };
-        let (record, recorded) = self.record(delivery.id, record).await?;
-        log_attempt(delivery, &reference, attempt, &record, recorded);
-        Ok(Attempted::Recorded { throttled })
+        Ok(Attempted::Made(Attempt {
+            record,
+            number: attempt,
+            reference,
+            throttled,
+        }))
     }
 
     /// Validates, renders and builds the message. On failure, the reason and what is known of

@@ -101,6 +101,8 @@ pub struct Options {
     pub smtp_timeout: &'static str,
     /// SMTP sessions per daemon.
     pub smtp_connections: u32,
+    /// Deliveries per claim (`delivery.batch_size`).
+    pub batch_size: u32,
     /// The templates folder; the repository's own when `None`.
     pub templates: Option<PathBuf>,
 }
@@ -124,6 +126,7 @@ impl Options {
             shutdown_grace: "5s",
             smtp_timeout: "5s",
             smtp_connections: 4,
+            batch_size: 50,
             templates: None,
         }
     }
@@ -430,7 +433,7 @@ fn config_yaml(dir: &Path, database_url: &str, options: &Options) -> String {
          rate_limit:\n  per_second: {per_second}\n  burst: {per_second}\n{rate_limit_extra}\
          retry:\n  max_attempts: {max_attempts}\n  initial_backoff: {backoff}\n  max_backoff: {max_backoff}\n\
          \x20 max_age: {max_age}\n\
-         delivery:\n  batch_size: 50\n  lease: 1m\n  shutdown_grace: {shutdown_grace}\n\
+         delivery:\n  batch_size: {batch_size}\n  lease: 1m\n  shutdown_grace: {shutdown_grace}\n\
          templates:\n  dir: {templates}\n  samples: {samples}\n\
          brand:\n  name: Interlink Exchange\n  tagline: Connectivity on demand\n\
          \x20 website_url: https://www.interlink.example\n  portal_url: https://portal.interlink.example\n\
@@ -446,6 +449,7 @@ fn config_yaml(dir: &Path, database_url: &str, options: &Options) -> String {
         max_age = options.max_age,
         rate_limit_extra = options.rate_limit_extra,
         shutdown_grace = options.shutdown_grace,
+        batch_size = options.batch_size,
         templates = options
             .templates
             .clone()

@@ -1,0 +1,180 @@
+//! The two hand-offs inside one sending pass: claimed deliveries go from the claimer to the
+//! connections through a [`Queue`], and outcomes go from the connections to the committer
+//! through a [`Recorder`]. Both let each side work while the other waits on the database.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, Semaphore, oneshot};
+
+use crate::store::{AttemptRecord, ClaimedDelivery, StoreError};
+
+/// What the committer answers for one attempt: the record as written and whether the lease
+/// was still held.
+pub(super) type Committed = Result<(AttemptRecord, bool), StoreError>;
+
+/// An attempt on its way to the database, and who waits to hear it was recorded.
+pub(super) type Unrecorded = (i64, AttemptRecord, oneshot::Sender<Committed>);
+
+/// Attempts waiting for the committer, each with the channel its connection waits on.
+#[derive(Default)]
+pub(super) struct Recorder {
+    unrecorded: Mutex<Vec<Unrecorded>>,
+    arrived: Notify,
+    /// The connections have stopped: the committer commits what is left and ends.
+    closed: AtomicBool,
+}
+
+impl Recorder {
+    pub(super) fn record(
+        &self,
+        delivery_id: i64,
+        record: AttemptRecord,
+    ) -> oneshot::Receiver<Committed> {
+        let (done, committed) = oneshot::channel();
+        self.lock().push((delivery_id, record, done));
+        self.arrived.notify_one();
+        committed
+    }
+
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.arrived.notify_one();
+    }
+
+    /// The attempts recorded since the last call, waiting while there are none; `None` once
+    /// the connections have stopped and every attempt was taken.
+    pub(super) async fn next_batch(&self) -> Option<Vec<Unrecorded>> {
+        loop {
+            let batch = std::mem::take(&mut *self.lock());
+            if !batch.is_empty() {
+                return Some(batch);
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                // Nothing is recorded after closing, but something may have been just before.
+                let last = std::mem::take(&mut *self.lock());
+                return (!last.is_empty()).then_some(last);
+            }
+            self.arrived.notified().await;
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Unrecorded>> {
+        self.unrecorded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The most claims one sending pass makes before it returns to its caller, which between
+/// passes takes in changes such as the number of daemons sharing the rate limit.
+pub(super) const CLAIMS_PER_PASS: u32 = 20;
+
+/// One claimed batch, less the deliveries put back for their domain's rate.
+pub(super) struct ClaimedBatch {
+    pub(super) deliveries: VecDeque<ClaimedDelivery>,
+    /// The claim returned as many as it asked for: more may be due.
+    pub(super) full: bool,
+    pub(super) postponed_until: Option<DateTime<Utc>>,
+}
+
+/// The deliveries claimed in one pass and not yet taken, shared by the connections that send
+/// them and the claimer that refills it.
+pub(super) struct Queue {
+    state: Mutex<QueueState>,
+    /// One permit per queued delivery. Closed once no more will be claimed, so that a
+    /// connection waiting for work then takes what is left and stops.
+    ready: Semaphore,
+    /// Wakes the claimer when fewer than `low_water` deliveries wait.
+    running_low: Notify,
+    low_water: usize,
+    /// The batch stops: nothing more is taken or claimed.
+    halted: AtomicBool,
+}
+
+struct QueueState {
+    deliveries: VecDeque<ClaimedDelivery>,
+    /// The last claim was full and not all put back: another claim is worth making.
+    more_due: bool,
+}
+
+impl Queue {
+    pub(super) fn new(first: ClaimedBatch, batch_size: u32) -> Self {
+        let queue = Self {
+            state: Mutex::new(QueueState {
+                deliveries: VecDeque::new(),
+                more_due: false,
+            }),
+            ready: Semaphore::new(0),
+            running_low: Notify::new(),
+            low_water: (batch_size as usize).div_ceil(2),
+            halted: AtomicBool::new(false),
+        };
+        queue.refill(first);
+        queue
+    }
+
+    pub(super) fn refill(&self, batch: ClaimedBatch) {
+        let mut state = self.state.lock().expect("queue lock");
+        state.more_due = batch.full && !batch.deliveries.is_empty();
+        self.ready.add_permits(batch.deliveries.len());
+        state.deliveries.extend(batch.deliveries);
+    }
+
+    /// Waits until fewer than half a batch are queued, or the batch halts.
+    pub(super) async fn until_running_low(&self) {
+        self.running_low.notified().await;
+    }
+
+    pub(super) fn wants_more(&self) -> bool {
+        self.state.lock().expect("queue lock").more_due
+    }
+
+    /// The next delivery to send, waiting while a claim is under way; `None` once the queue is
+    /// empty and no more will be claimed.
+    pub(super) async fn next(&self) -> Option<ClaimedDelivery> {
+        // A closed semaphore still leaves the deliveries queued before it closed to take.
+        if let Ok(permit) = self.ready.acquire().await {
+            permit.forget();
+        }
+        let mut state = self.state.lock().expect("queue lock");
+        let next = state.deliveries.pop_front();
+        if state.deliveries.len() < self.low_water {
+            self.running_low.notify_one();
+        }
+        next
+    }
+
+    /// Puts back a delivery taken but not attempted; only when the batch stops.
+    pub(super) fn give_back(&self, delivery: ClaimedDelivery) {
+        self.state
+            .lock()
+            .expect("queue lock")
+            .deliveries
+            .push_front(delivery);
+    }
+
+    /// No more claims: connections take what is left, then stop.
+    pub(super) fn no_more_claims(&self) {
+        self.ready.close();
+    }
+
+    /// The batch stops: the claimer claims no more and waiting connections wake up.
+    pub(super) fn halt(&self) {
+        self.halted.store(true, Ordering::Relaxed);
+        self.ready.close();
+        self.running_low.notify_one();
+    }
+
+    pub(super) fn halted(&self) -> bool {
+        self.halted.load(Ordering::Relaxed)
+    }
+
+    /// The deliveries claimed but not taken, to release.
+    pub(super) fn unsent(&self) -> Vec<i64> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.deliveries.iter().map(|d| d.id).collect()
+    }
+}
