@@ -72,6 +72,21 @@ fn hot_path(c: &mut Criterion) {
     group.bench_function("build MIME", |b| {
         b.iter(|| build_message(&settings.brand, envelope, black_box(&rendered)))
     });
+    // The measure of the hot path: a validated payload rendered and built into MIME.
+    group.bench_function("render + build MIME", |b| {
+        b.iter(|| {
+            let rendered = renderer
+                .render(
+                    KIND,
+                    Audience::Customer,
+                    black_box(&payload),
+                    recipient,
+                    now,
+                )
+                .unwrap();
+            build_message(&settings.brand, envelope, &rendered)
+        })
+    });
     group.bench_function("validate + render + build MIME", |b| {
         b.iter(|| {
             let (_, payload) = settings

@@ -9,13 +9,13 @@ pub mod message;
 pub mod preferences;
 pub mod reload;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Datelike, Utc};
 use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value};
-use serde_json::{Map, Value as Json};
 
 use crate::config::Brand;
 use crate::outbox::{Audience, Catalog, Payload};
@@ -260,7 +260,14 @@ fn html_formatter(
     if state.auto_escape() != &AutoEscape::Html || value.is_safe() {
         return minijinja::escape_formatter(out, state, value);
     }
-    let text = value.to_string();
+    let formatted;
+    let text = match value.as_str() {
+        Some(text) => text,
+        None => {
+            formatted = value.to_string();
+            &formatted
+        }
+    };
     let mut start = 0;
     for (index, byte) in text.bytes().enumerate() {
         let entity = match byte {
@@ -313,7 +320,8 @@ pub struct Renderer {
     /// The set in use. A render takes its own reference first and uses that set from start
     /// to end, so a reload in the middle of a message never mixes two sets.
     templates: RwLock<Arc<TemplateSet>>,
-    brand: Brand,
+    /// The brand as templates see it, converted once: every message shares it.
+    brand: Value,
     signer: PreferenceSigner,
 }
 
@@ -321,7 +329,7 @@ impl Renderer {
     pub fn new(templates: TemplateSet, brand: Brand, signer: PreferenceSigner) -> Self {
         Self {
             templates: RwLock::new(Arc::new(templates)),
-            brand,
+            brand: Value::from(minijinja::value::Serde(&brand)),
             signer,
         }
     }
@@ -402,25 +410,31 @@ impl Renderer {
         recipient: RecipientView<'_>,
         now: DateTime<Utc>,
     ) -> Value {
-        let mut context: Map<String, Json> = payload.fields.clone();
-        context.insert(
-            "brand".into(),
-            serde_json::to_value(&self.brand).expect("brand serialises"),
-        );
-        context.insert(
-            "recipient".into(),
-            serde_json::json!({ "name": recipient.name, "email": recipient.email }),
-        );
-        context.insert("audience".into(), audience.as_str().into());
-        context.insert("kind".into(), kind.into());
-        context.insert(
-            "preferences_url".into(),
-            self.signer
-                .link(recipient.contact_id, recipient.email)
-                .into(),
-        );
-        context.insert("year".into(), now.year().into());
-        Value::from(minijinja::value::Serde(context))
+        // One flat map: a merged context would look each name up in two. herald's own names
+        // go in last, so that they win over a payload field of the same name.
+        let mut context: HashMap<Value, Value> = payload
+            .fields
+            .iter()
+            .map(|(name, value)| {
+                (
+                    Value::from(name.as_str()),
+                    Value::from(minijinja::value::Serde(value)),
+                )
+            })
+            .collect();
+        let preferences_url = self.signer.link(recipient.contact_id, recipient.email);
+        let recipient = minijinja::context! { name => recipient.name, email => recipient.email };
+        for (name, value) in [
+            ("brand", self.brand.clone()),
+            ("recipient", recipient),
+            ("audience", Value::from(audience.as_str())),
+            ("kind", Value::from(kind)),
+            ("preferences_url", Value::from(preferences_url)),
+            ("year", Value::from(now.year())),
+        ] {
+            context.insert(Value::from(name), value);
+        }
+        Value::from_object(context)
     }
 }
 
