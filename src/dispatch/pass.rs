@@ -178,3 +178,98 @@ impl Queue {
         state.deliveries.iter().map(|d| d.id).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::Audience;
+
+    fn delivery(id: i64) -> ClaimedDelivery {
+        ClaimedDelivery {
+            id,
+            outbox_id: 1,
+            kind: "vxc.approved".into(),
+            audience: Audience::Customer,
+            contact_id: "acme-dana".into(),
+            recipient_name: "Dana".into(),
+            recipient_email: "dana@acme.example".into(),
+            attempts: 0,
+            last_error: None,
+            queued_at: Utc::now(),
+            message_id: format!("m{id}"),
+            payload: Vec::new(),
+            lease_until: Utc::now(),
+        }
+    }
+
+    fn batch(ids: &[i64], full: bool) -> ClaimedBatch {
+        ClaimedBatch {
+            deliveries: ids.iter().copied().map(delivery).collect(),
+            full,
+            postponed_until: None,
+        }
+    }
+
+    async fn ids(queue: &Queue, n: usize) -> Vec<i64> {
+        let mut taken = Vec::new();
+        for _ in 0..n {
+            taken.push(queue.next().await.expect("a delivery").id);
+        }
+        taken
+    }
+
+    #[tokio::test]
+    async fn a_refill_wakes_a_connection_waiting_for_work() {
+        let queue = Queue::new(batch(&[1, 2], true), 2);
+        assert!(queue.wants_more());
+        assert_eq!(ids(&queue, 2).await, [1, 2]);
+        // The queue ran low, so the claimer is let through at once.
+        tokio::time::timeout(std::time::Duration::from_secs(1), queue.until_running_low())
+            .await
+            .expect("the claimer is woken");
+        let (taken, ()) = tokio::join!(queue.next(), async {
+            tokio::task::yield_now().await;
+            queue.refill(batch(&[3], false));
+        });
+        assert_eq!(taken.map(|d| d.id), Some(3));
+        assert!(
+            !queue.wants_more(),
+            "a short claim means nothing more is due"
+        );
+    }
+
+    #[tokio::test]
+    async fn after_the_last_claim_what_is_queued_is_taken_then_nothing() {
+        let queue = Queue::new(batch(&[1, 2, 3], true), 3);
+        queue.no_more_claims();
+        assert_eq!(ids(&queue, 3).await, [1, 2, 3]);
+        assert!(queue.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_halt_leaves_what_was_not_taken_to_release() {
+        let queue = Queue::new(batch(&[1, 2, 3], true), 3);
+        let first = queue.next().await.unwrap();
+        queue.halt();
+        assert!(queue.halted());
+        queue.give_back(first);
+        assert_eq!(queue.unsent(), [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn every_attempt_recorded_before_closing_reaches_the_committer() {
+        let recorder = Recorder::default();
+        let record = || AttemptRecord::Expired {
+            error: "too old".into(),
+        };
+        let _first = recorder.record(1, record());
+        let _second = recorder.record(2, record());
+        let batch = recorder.next_batch().await.expect("two attempts");
+        assert_eq!(batch.iter().map(|(id, ..)| *id).collect::<Vec<_>>(), [1, 2]);
+        let _third = recorder.record(3, record());
+        recorder.close();
+        let last = recorder.next_batch().await.expect("the one before closing");
+        assert_eq!(last.len(), 1);
+        assert!(recorder.next_batch().await.is_none());
+    }
+}
