@@ -281,6 +281,7 @@ impl<S: Store> Context<S> {
             stop: None,
         };
         let mut unconfirmed = None;
+        let mut failed = None;
         while !queue.halted() {
             let Some(delivery) = queue.next().await else {
                 break;
@@ -311,7 +312,8 @@ impl<S: Store> Context<S> {
                 }
                 Err(err) => {
                     queue.halt();
-                    return Err(err);
+                    failed = Some(err);
+                    break;
                 }
             };
             end.attempted += 1;
@@ -321,8 +323,12 @@ impl<S: Store> Context<S> {
                 number: attempt.number,
                 reference: attempt.reference,
             };
-            if let Some(previous) = unconfirmed.replace(sent) {
-                self.confirm(previous).await.inspect_err(|_| queue.halt())?;
+            if let Some(previous) = unconfirmed.replace(sent)
+                && let Err(err) = self.confirm(previous).await
+            {
+                queue.halt();
+                failed = Some(err);
+                break;
             }
             if let Some(reply) = attempt.throttled {
                 queue.halt();
@@ -332,10 +338,17 @@ impl<S: Store> Context<S> {
                 });
             }
         }
-        if let Some(last) = unconfirmed {
-            self.confirm(last).await?;
+        // The last outcome is waited for and logged however the loop ended: it is committed
+        // either way, and the operator must see it.
+        if let Some(last) = unconfirmed
+            && let Err(err) = self.confirm(last).await
+        {
+            failed = failed.or(Some(err));
         }
-        Ok(end)
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(end),
+        }
     }
 
     /// Waits until an attempt's outcome is committed, then logs it.
