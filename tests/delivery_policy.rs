@@ -274,6 +274,47 @@ async fn a_421_ends_the_batch_and_pauses_before_the_next_message(backend: Backen
     assert!(smtp.connections() >= 2, "the 421 closed the session");
 }
 
+/// Sessions held back by the global rate limiter when another session gets a 421 give their
+/// deliveries back instead of sending them once the limiter lets them through.
+async fn a_421_stops_the_sessions_waiting_for_the_rate_limiter(backend: Backend) {
+    let (smtp, mut options) = relay_shedding_load_once(backend).await;
+    options.smtp_connections = 4;
+    // Five at once, then one every 200 ms: the 421 comes for the ninth message, while the
+    // other three sessions each wait for a slot.
+    options.per_second = 5;
+    let env = TestEnv::new(options).await;
+    for _ in 0..4 {
+        env.enqueue_sample("vxc.approved").await;
+    }
+    env.enqueue_sample("vxc.speed_change_requested").await;
+    for _ in 0..2 {
+        env.enqueue_sample("vxc.approved").await;
+    }
+
+    let (ok, log) = env.drain().await;
+    assert_sent_but_the_throttled_one(&env, ok, &log).await;
+    // The server's clock, not the log's: a session logs an outcome once it is committed,
+    // which can be after the session waited for its next slot.
+    let throttled_at = log
+        .lines()
+        .find(|line| line.contains("outcome=\"retrying\""))
+        .map(|line| parse_db_time(line.split_whitespace().next().unwrap()))
+        .unwrap_or_else(|| panic!("the 421 is logged: {log}"));
+    let sent_after: Vec<_> = smtp
+        .accepted()
+        .iter()
+        .map(|transaction| transaction.at)
+        .filter(|at| *at > throttled_at)
+        .collect();
+    assert!(!sent_after.is_empty(), "{log}");
+    assert!(
+        sent_after
+            .iter()
+            .all(|at| (*at - throttled_at).to_std().unwrap() >= Duration::from_millis(450)),
+        "nothing went out before the pause after the 421 at {throttled_at}: {sent_after:?}"
+    );
+}
+
 async fn sigterm_abandons_a_send_that_outlasts_the_grace_period(backend: Backend) {
     let smtp = ScriptedSmtp::start().await;
     smtp.delay_data(Duration::from_secs(30));
@@ -607,6 +648,7 @@ on_both_backends!(
     a_domain_over_its_rate_waits_while_other_domains_go_out,
     a_421_ends_the_batch_and_pauses_before_the_next_message,
     a_421_gives_back_the_deliveries_claimed_ahead,
+    a_421_stops_the_sessions_waiting_for_the_rate_limiter,
     sigterm_abandons_a_send_that_outlasts_the_grace_period,
     herald_retry_requeues_what_the_operator_chooses,
 );

@@ -132,7 +132,9 @@ pub struct SmtpSettings {
     /// Bound on each SMTP step (connect, each command, the message data).
     pub timeout: Duration,
     pub helo_name: String,
-    /// SMTP sessions per daemon, each carrying one message at a time.
+    /// SMTP sessions per daemon, each carrying one message at a time. A session sends its
+    /// next message while its last outcome is committed, so a crash can resend up to two
+    /// messages per session.
     pub connections: u32,
 }
 

@@ -291,6 +291,12 @@ impl<S: Store> Context<S> {
                 break;
             }
             match self.ready_to_send(transport, &delivery, shutdown).await {
+                // The batch may have stopped (a 421 on another session) while this one
+                // waited for the rate limiter.
+                Ok(true) if queue.halted() => {
+                    queue.give_back(delivery);
+                    break;
+                }
                 Ok(true) => {}
                 Ok(false) => {
                     queue.give_back(delivery);

@@ -40,6 +40,8 @@ pub struct Transaction {
     pub connection: usize,
     /// False when the connection ended during DATA, closed by either side.
     pub complete: bool,
+    /// When the message data ended (or was cut off).
+    pub at: chrono::DateTime<chrono::Utc>,
 }
 
 impl Transaction {
@@ -390,6 +392,7 @@ async fn data(
             reply: None,
             connection,
             complete,
+            at: chrono::Utc::now(),
         });
         state.transactions.len() - 1
     };
