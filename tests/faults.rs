@@ -94,6 +94,50 @@ async fn a_550_is_dead_at_once_with_the_reply_and_the_others_still_go_out(backen
     );
 }
 
+/// A relay whose replies carry control characters (a NUL, an escape): they are stored and
+/// logged as U+FFFD, so that PostgreSQL, which refuses a NUL in text, records the outcome
+/// instead of leaving the message to be sent again.
+async fn control_characters_in_a_reply_are_replaced(backend: Backend) {
+    let smtp = ScriptedSmtp::start().await;
+    smtp.script(
+        "noc@cloudco.example",
+        &[Step::Reply("250 2.0.0 Ok: queued as AB\0CD\x1b[2J")],
+    );
+    smtp.script(
+        "dana@acme.example",
+        &[Step::Reply("550 5.1.1 No\0such user")],
+    );
+    let env = TestEnv::new(Options::on(backend, Sink::Smtp(smtp.port))).await;
+    env.enqueue_sample("vxc.approval_required").await;
+
+    let (ok, log) = env.drain().await;
+    assert!(ok, "{log}");
+    let replies: Vec<_> = env
+        .deliveries()
+        .await
+        .into_iter()
+        .map(|(email, state, _, _, reply)| (email, state, reply.unwrap_or_default()))
+        .collect();
+    assert!(
+        replies.contains(&(
+            "noc@cloudco.example".into(),
+            "sent".into(),
+            "250 2.0.0 Ok: queued as AB\u{FFFD}CD\u{FFFD}[2J".into()
+        )),
+        "{replies:?}"
+    );
+    assert!(
+        replies.contains(&(
+            "dana@acme.example".into(),
+            "dead".into(),
+            "550 5.1.1 No\u{FFFD}such user".into()
+        )),
+        "{replies:?}"
+    );
+    assert_eq!(smtp.accepted_count(), 2, "each accepted once");
+    assert!(!log.contains('\0'), "{log}");
+}
+
 /// Drains one `vxc.approval_required` (three recipients) through `smtp` over a single
 /// session, with retries scheduled too late to come due during the drain. Returns the log
 /// and the deliveries.
@@ -484,6 +528,7 @@ async fn a_refused_login_is_reported_without_the_password() {
 on_both_backends!(
     a_451_is_retried_and_delivered_once_with_the_same_message_id,
     a_550_is_dead_at_once_with_the_reply_and_the_others_still_go_out,
+    control_characters_in_a_reply_are_replaced,
     retries_stop_at_max_attempts_with_a_clear_reason,
     a_connection_dropped_mid_message_is_retried_on_a_new_connection,
     a_421_closes_the_session_and_the_message_is_retried,

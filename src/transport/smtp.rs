@@ -371,12 +371,17 @@ fn classify(result: Result<Response<String>, mail_send::Error>) -> Outcome {
     }
 }
 
+/// The reply on one line, as it is logged and stored. Control characters are replaced with
+/// U+FFFD: a relay's text must not be able to break a log line or, as a NUL does, be refused
+/// by PostgreSQL, which would leave the outcome unrecorded and the message sent again and
+/// again.
 fn format_reply(reply: &Response<String>) -> String {
     let message = reply
         .message
         .split_whitespace()
         .collect::<Vec<_>>()
-        .join(" ");
+        .join(" ")
+        .replace(|c: char| c.is_control(), "\u{FFFD}");
     match reply.esc {
         [0, 0, 0] => format!("{} {message}", reply.code),
         [a, b, c] => format!("{} {a}.{b}.{c} {message}", reply.code),
