@@ -353,3 +353,76 @@ async fn the_daemon_survives_a_database_restart() {
         "the outage was logged: {log}"
     );
 }
+
+/// The database stops in the middle of a drain. The drain fails, saying why, without waiting
+/// out a connection timeout (10 s) for each outcome it could not record: the few statements
+/// still needed (releasing claims, planning's last batch, leaving the daemon list) each wait
+/// one out, 40-50 s in all. Once the database is back, every delivery is sent, and only the
+/// messages whose outcome was lost can have gone out twice (at most two per SMTP session).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_outage_mid_drain_fails_it_soon_and_loses_nothing() {
+    if Backend::postgres().is_none() {
+        return;
+    }
+    let server = ThrowawayServer::start();
+    let smtp = ScriptedSmtp::start().await;
+    smtp.delay_data(Duration::from_millis(20));
+    let mut options = Options::on(Backend::Postgres(server.url()), Sink::Smtp(smtp.port));
+    options.smtp_timeout = "1s";
+    let sessions = options.smtp_connections as usize;
+    let env = TestEnv::new(options).await;
+    // A short lease, so that what the failed drain held is due again soon after.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, config.replace("lease: 1m", "lease: 6s")).unwrap();
+    fill_outbox(&env, 100).await;
+
+    let mut drain = tokio::process::Command::from(env.herald_command(&["run", "--drain"]));
+    drain
+        .kill_on_drop(true)
+        .stderr(std::process::Stdio::piped());
+    let drain = drain.spawn().unwrap();
+    wait_for("the first messages", Duration::from_secs(30), async || {
+        smtp.accepted().len() >= 30
+    })
+    .await;
+    let stopped = Instant::now();
+    server.pg_ctl("stop");
+    let output = tokio::time::timeout(Duration::from_secs(120), drain.wait_with_output())
+        .await
+        .expect("the drain ends")
+        .unwrap();
+    let failed_after = stopped.elapsed();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{log}");
+    assert!(log.contains("database"), "{log}");
+    assert!(
+        failed_after < Duration::from_secs(75),
+        "the drain failed {failed_after:?} after the database stopped"
+    );
+
+    server.pg_ctl("start");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(
+        &env,
+        "SELECT CAST(count(*) AS TEXT) FROM herald_deliveries WHERE state = 'sent'",
+    )
+    .await
+        < 300
+    {
+        assert!(Instant::now() < deadline, "not all sent after the outage");
+        let (_, log) = env.drain().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(log);
+    }
+    let mut accepted: BTreeMap<String, usize> = BTreeMap::new();
+    for transaction in smtp.accepted() {
+        *accepted.entry(transaction.message_id).or_default() += 1;
+    }
+    assert_eq!(accepted.len(), 300, "every delivery reached the relay");
+    let extra: usize = accepted.values().map(|n| n - 1).sum();
+    assert!(
+        extra <= 2 * sessions,
+        "{extra} extra copies for {sessions} sessions: {failed_after:?} to fail"
+    );
+    eprintln!("the drain failed {failed_after:?} after the database stopped; {extra} extra copies");
+}

@@ -383,7 +383,8 @@ impl<S: Store> Context<S> {
     }
 
     /// Commits a batch of attempts and answers each waiter. If the batch fails, each attempt is
-    /// tried on its own, so that every waiter hears its own outcome.
+    /// tried on its own, so that one the database refuses does not keep the others from being
+    /// recorded.
     async fn commit(&self, batch: Vec<Unrecorded>) {
         let (waiters, attempts): (Vec<_>, Vec<_>) = batch
             .into_iter()
@@ -402,7 +403,14 @@ impl<S: Store> Context<S> {
                 }
             }
             Err(_) => {
+                // Once the database proves unreachable, the attempts left are answered with
+                // that at once, rather than each waiting out its own connection timeout.
+                let mut unreachable = None;
                 for (done, (id, record)) in waiters.into_iter().zip(attempts) {
+                    if let Some(reason) = &unreachable {
+                        drop(done.send(Err(StoreError::Unreachable(String::clone(reason)))));
+                        continue;
+                    }
                     let alone = [(id, record)];
                     let result = self
                         .store
@@ -412,6 +420,11 @@ impl<S: Store> Context<S> {
                             let [(_, record)] = alone;
                             (record, recorded[0])
                         });
+                    if let Err(err) = &result
+                        && err.is_unreachable()
+                    {
+                        unreachable = Some(err.to_string());
+                    }
                     drop(done.send(result));
                 }
             }

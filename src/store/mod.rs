@@ -34,6 +34,21 @@ pub enum StoreError {
     Database(sqlx::Error),
     #[error("database holds a value herald cannot read: {0}")]
     Corrupt(String),
+    /// Not tried: an earlier statement of the same group found the database unreachable.
+    #[error("not recorded, the database is unreachable: {0}")]
+    Unreachable(String),
+}
+
+impl StoreError {
+    /// The database could not be reached (no connection, a connection lost, the pool's wait
+    /// ran out), as opposed to a statement it refused: trying again at once is pointless.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Self::Database(err) => !matches!(err, sqlx::Error::Database(_)),
+            Self::Connect { .. } | Self::Unreachable(_) => true,
+            Self::Migrate(_) | Self::Corrupt(_) => false,
+        }
+    }
 }
 
 /// Payloads are read up to one byte past the limit: enough to refuse an oversized one
