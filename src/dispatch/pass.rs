@@ -11,12 +11,15 @@ use tokio::sync::{Notify, Semaphore, oneshot};
 
 use crate::store::{AttemptRecord, ClaimedDelivery, StoreError};
 
-/// What the committer answers for one attempt: the record as written and whether the lease
-/// was still held.
-pub(super) type Committed = Result<(AttemptRecord, bool), StoreError>;
+/// What the committer answers a connection for one attempt: whether it was recorded.
+pub(super) type Committed = Result<(), StoreError>;
+
+/// What the committer does as soon as an attempt is recorded, told whether the lease was
+/// still held: log it, so that the log line never waits for the connection's next message.
+pub(super) type OnCommit = Box<dyn FnOnce(&AttemptRecord, bool) + Send>;
 
 /// An attempt on its way to the database, and who waits to hear it was recorded.
-pub(super) type Unrecorded = (i64, AttemptRecord, oneshot::Sender<Committed>);
+pub(super) type Unrecorded = (i64, AttemptRecord, OnCommit, oneshot::Sender<Committed>);
 
 /// Attempts waiting for the committer, each with the channel its connection waits on.
 #[derive(Default)]
@@ -32,9 +35,10 @@ impl Recorder {
         &self,
         delivery_id: i64,
         record: AttemptRecord,
+        on_commit: OnCommit,
     ) -> oneshot::Receiver<Committed> {
         let (done, committed) = oneshot::channel();
-        self.lock().push((delivery_id, record, done));
+        self.lock().push((delivery_id, record, on_commit, done));
         self.arrived.notify_one();
         committed
     }
@@ -262,11 +266,11 @@ mod tests {
         let record = || AttemptRecord::Expired {
             error: "too old".into(),
         };
-        let _first = recorder.record(1, record());
-        let _second = recorder.record(2, record());
+        let _first = recorder.record(1, record(), Box::new(|_, _| {}));
+        let _second = recorder.record(2, record(), Box::new(|_, _| {}));
         let batch = recorder.next_batch().await.expect("two attempts");
         assert_eq!(batch.iter().map(|(id, ..)| *id).collect::<Vec<_>>(), [1, 2]);
-        let _third = recorder.record(3, record());
+        let _third = recorder.record(3, record(), Box::new(|_, _| {}));
         recorder.close();
         let last = recorder.next_batch().await.expect("the one before closing");
         assert_eq!(last.len(), 1);

@@ -13,7 +13,9 @@ use futures_util::future::join_all;
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
-use super::pass::{CLAIMS_PER_PASS, ClaimedBatch, Committed, Queue, Recorder, Unrecorded};
+use super::pass::{
+    CLAIMS_PER_PASS, ClaimedBatch, Committed, OnCommit, Queue, Recorder, Unrecorded,
+};
 use super::rate::{RateLimits, recipient_domain};
 use super::retry::{AfterFailure, RetryPolicy};
 use crate::config::Settings;
@@ -81,14 +83,6 @@ struct Attempt {
     reference: String,
     /// The relay's 421 reply, when it is shedding load.
     throttled: Option<String>,
-}
-
-/// An attempt handed to the relay whose outcome is not yet committed.
-struct Unconfirmed {
-    delivery: ClaimedDelivery,
-    number: u32,
-    reference: String,
-    committed: oneshot::Receiver<Committed>,
 }
 
 /// How one connection's worker ended its part of a batch.
@@ -323,20 +317,25 @@ impl<S: Store> Context<S> {
                 }
             };
             end.attempted += 1;
-            let sent = Unconfirmed {
-                committed: recorder.record(delivery.id, attempt.record),
-                delivery,
-                number: attempt.number,
-                reference: attempt.reference,
-            };
-            if let Some(previous) = unconfirmed.replace(sent)
+            let Attempt {
+                record,
+                number,
+                reference,
+                throttled,
+            } = attempt;
+            let delivery_id = delivery.id;
+            let log: OnCommit = Box::new(move |record, recorded| {
+                log_attempt(&delivery, &reference, number, record, recorded);
+            });
+            let committed = recorder.record(delivery_id, record, log);
+            if let Some(previous) = unconfirmed.replace(committed)
                 && let Err(err) = self.confirm(previous).await
             {
                 queue.halt();
                 failed = Some(err);
                 break;
             }
-            if let Some(reply) = attempt.throttled {
+            if let Some(reply) = throttled {
                 queue.halt();
                 end.stop = Some(SendError::Throttled {
                     reply,
@@ -344,8 +343,7 @@ impl<S: Store> Context<S> {
                 });
             }
         }
-        // The last outcome is waited for and logged however the loop ended: it is committed
-        // either way, and the operator must see it.
+        // The last outcome is waited for however the loop ended.
         if let Some(last) = unconfirmed
             && let Err(err) = self.confirm(last).await
         {
@@ -357,19 +355,11 @@ impl<S: Store> Context<S> {
         }
     }
 
-    /// Waits until an attempt's outcome is committed, then logs it.
-    async fn confirm(&self, sent: Unconfirmed) -> Result<(), StoreError> {
-        let (record, recorded) = sent.committed.await.unwrap_or_else(|_| {
+    /// Waits until an attempt's outcome is committed (the committer has logged it then).
+    async fn confirm(&self, committed: oneshot::Receiver<Committed>) -> Result<(), StoreError> {
+        committed.await.unwrap_or_else(|_| {
             unreachable!("every recorded attempt is answered by the commit that takes it")
-        })?;
-        log_attempt(
-            &sent.delivery,
-            &sent.reference,
-            sent.number,
-            &record,
-            recorded,
-        );
-        Ok(())
+        })
     }
 
     /// Commits the attempts as they come in, all those that arrived during one commit together
@@ -388,7 +378,7 @@ impl<S: Store> Context<S> {
     async fn commit(&self, batch: Vec<Unrecorded>) {
         let (waiters, attempts): (Vec<_>, Vec<_>) = batch
             .into_iter()
-            .map(|(id, record, done)| (done, (id, record)))
+            .map(|(id, record, on_commit, done)| ((on_commit, done), (id, record)))
             .unzip();
         match self
             .store
@@ -396,17 +386,18 @@ impl<S: Store> Context<S> {
             .await
         {
             Ok(recorded) => {
-                for ((done, (_, record)), recorded) in
+                for (((on_commit, done), (_, record)), recorded) in
                     waiters.into_iter().zip(attempts).zip(recorded)
                 {
-                    drop(done.send(Ok((record, recorded))));
+                    on_commit(&record, recorded);
+                    drop(done.send(Ok(())));
                 }
             }
             Err(_) => {
                 // Once the database proves unreachable, the attempts left are answered with
                 // that at once, rather than each waiting out its own connection timeout.
                 let mut unreachable = None;
-                for (done, (id, record)) in waiters.into_iter().zip(attempts) {
+                for ((on_commit, done), (id, record)) in waiters.into_iter().zip(attempts) {
                     if let Some(reason) = &unreachable {
                         drop(done.send(Err(StoreError::Unreachable(String::clone(reason)))));
                         continue;
@@ -417,8 +408,8 @@ impl<S: Store> Context<S> {
                         .record_attempts(&self.owner, &alone, Utc::now())
                         .await
                         .map(|recorded| {
-                            let [(_, record)] = alone;
-                            (record, recorded[0])
+                            let [(_, record)] = &alone;
+                            on_commit(record, recorded[0]);
                         });
                     if let Err(err) = &result
                         && err.is_unreachable()
