@@ -226,9 +226,9 @@ impl<S: Store> Context<S> {
     }
 
     /// Claims the next batch whenever the queue runs low, until a claim says nothing more is
-    /// due, the pass has made its share of claims, or the batch halts. Returns when the last
-    /// deliveries put back for their domain's rate come due. On a database error it stops
-    /// claiming; the deliveries already queued are still sent.
+    /// due, the pass has made its share of claims, or the batch halts. The result says when
+    /// the last of the deliveries it put back for their domain's rate come due. On a database
+    /// error it stops claiming; the deliveries already queued are still sent.
     async fn claim_ahead(&self, queue: &Queue) -> Result<Option<DateTime<Utc>>, StoreError> {
         let mut postponed_until = None;
         let mut claims = 1;
