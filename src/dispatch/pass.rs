@@ -52,14 +52,15 @@ impl Recorder {
     /// the connections have stopped and every attempt was taken.
     pub(super) async fn next_batch(&self) -> Option<Vec<Unrecorded>> {
         loop {
+            // Read before taking: nothing is recorded after closing, so a take that follows
+            // a close it saw gets everything that is left.
+            let closed = self.closed.load(Ordering::SeqCst);
             let batch = std::mem::take(&mut *self.lock());
             if !batch.is_empty() {
                 return Some(batch);
             }
-            if self.closed.load(Ordering::SeqCst) {
-                // Nothing is recorded after closing, but something may have been just before.
-                let last = std::mem::take(&mut *self.lock());
-                return (!last.is_empty()).then_some(last);
+            if closed {
+                return None;
             }
             self.arrived.notified().await;
         }
@@ -121,7 +122,7 @@ impl Queue {
     }
 
     pub(super) fn refill(&self, batch: ClaimedBatch) {
-        let mut state = self.state.lock().expect("queue lock");
+        let mut state = self.state();
         state.more_due = batch.full && !batch.deliveries.is_empty();
         self.ready.add_permits(batch.deliveries.len());
         state.deliveries.extend(batch.deliveries);
@@ -133,7 +134,7 @@ impl Queue {
     }
 
     pub(super) fn wants_more(&self) -> bool {
-        self.state.lock().expect("queue lock").more_due
+        self.state().more_due
     }
 
     /// The next delivery to send, waiting while a claim is under way; `None` once the queue is
@@ -143,7 +144,7 @@ impl Queue {
         if let Ok(permit) = self.ready.acquire().await {
             permit.forget();
         }
-        let mut state = self.state.lock().expect("queue lock");
+        let mut state = self.state();
         let next = state.deliveries.pop_front();
         if state.deliveries.len() < self.low_water {
             self.running_low.notify_one();
@@ -153,11 +154,7 @@ impl Queue {
 
     /// Puts back a delivery taken but not attempted; only when the batch stops.
     pub(super) fn give_back(&self, delivery: ClaimedDelivery) {
-        self.state
-            .lock()
-            .expect("queue lock")
-            .deliveries
-            .push_front(delivery);
+        self.state().deliveries.push_front(delivery);
     }
 
     /// No more claims: connections take what is left, then stop.
@@ -172,13 +169,17 @@ impl Queue {
         self.running_low.notify_one();
     }
 
+    fn state(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub(super) fn halted(&self) -> bool {
         self.halted.load(Ordering::Relaxed)
     }
 
     /// The deliveries claimed but not taken, to release.
     pub(super) fn unsent(&self) -> Vec<i64> {
-        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = self.state();
         state.deliveries.iter().map(|d| d.id).collect()
     }
 }
